@@ -1,0 +1,341 @@
+"""The safetensors container: validated headers, positioned reads, atomic streaming writes.
+
+A safetensors file is an 8-byte little-endian header length ``n``, ``n`` bytes of
+JSON (padded with spaces), then the tensor bytes. We read and write it ourselves
+rather than through ``safetensors.torch`` for three reasons: a header must be
+validated before anything trusts it (files may be hostile), synthesis reads one
+tensor slice at a time into buffers it reuses, and outputs are written tensor by
+tensor without ever holding a whole file in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from .errors import OutputError, SnapshotFileError
+
+# safetensors dtype code -> torch dtype (itemsize comes from torch).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+# The reference implementation refuses headers above 100 MB; so do we, before reading one.
+MAX_HEADER_BYTES = 100_000_000
+_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a file; ``begin``/``end`` are absolute file offsets."""
+
+    name: str
+    code: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.code]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: every tensor lies inside the file, no overlaps, no gaps."""
+
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    file_size: int
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key in header JSON")
+    return dict(pairs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(name: str, raw: object, data_start: int) -> TensorEntry:
+    """One tensor's header entry, checked for type, dtype and size."""
+    if not name or not isinstance(raw, dict):
+        raise ValueError(f"tensor entry {name!r} is not an object")
+    code, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
+    if code not in DTYPES:
+        raise ValueError(f"tensor {name!r} has unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise ValueError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[code].itemsize
+    if not 0 <= begin <= end or end - begin != expected:
+        raise ValueError(
+            f"tensor {name!r} spans bytes {begin}..{end} but shape {shape} of {code} needs {expected}"
+        )
+    return TensorEntry(name, code, tuple(shape), data_start + begin, data_start + end)
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate a safetensors header without reading any tensor data.
+
+    >>> header = read_header("ckpts/ema-s0.050-t000000001000.safetensors")  # doctest: +SKIP
+    >>> header.tensors["weight"].shape  # doctest: +SKIP
+    (16, 8)
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SnapshotFileError(path, "too short to be a safetensors file", "delete or replace it")
+            n = int.from_bytes(prefix, "little")
+            if n > min(file_size - 8, MAX_HEADER_BYTES):
+                raise SnapshotFileError(
+                    path,
+                    f"header length {n} exceeds the file ({file_size} bytes): truncated or not safetensors",
+                    "delete or replace it",
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise SnapshotFileError(path, f"cannot read ({e.strerror})", "check the path and its permissions") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        if not isinstance(header, dict):
+            raise ValueError("header JSON is not an object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise ValueError("__metadata__ is not a map of strings to strings")
+        data_start = 8 + n
+        entries = {name: _parse_entry(name, raw_entry, data_start) for name, raw_entry in header.items()}
+        # The data section must be tiled exactly: sorted by offset, each tensor starts where the last ended.
+        cursor = data_start
+        for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+            if entry.begin != cursor:
+                what = "overlaps another" if entry.begin < cursor else "leaves a gap before it"
+                raise ValueError(f"tensor {entry.name!r} {what}")
+            cursor = entry.end
+        if cursor != file_size:
+            raise ValueError(f"tensor data ends at byte {cursor} but the file has {file_size} bytes")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SnapshotFileError(path, f"invalid safetensors header: {e}", "delete or replace the file") from e
+    return Header(path, entries, metadata, file_size)
+
+
+def read_into(fd: int, entry: TensorEntry, out: memoryview, start: int = 0, *, path: Path) -> None:
+    """Fill ``out`` with bytes ``start..start+len(out)`` of a tensor, with positioned reads."""
+    offset, view = entry.begin + start, out.cast("B")
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise SnapshotFileError(path, f"ended while reading tensor {entry.name!r}", "the file was truncated; replace it")
+        view, offset = view[got:], offset + got
+
+
+def read_tensor(fd: int, entry: TensorEntry, *, path: Path) -> torch.Tensor:
+    """One whole tensor, read into fresh memory."""
+    data = torch.empty(entry.nbytes, dtype=torch.uint8)
+    read_into(fd, entry, memoryview(data.numpy()), path=path)
+    return data.view(entry.dtype).reshape(entry.shape)
+
+
+def load_tensors(header: Header) -> dict[str, torch.Tensor]:
+    """All tensors of a validated file, in header order."""
+    try:
+        fd = os.open(header.path, os.O_RDONLY)
+    except OSError as e:
+        raise SnapshotFileError(header.path, f"cannot open ({e.strerror})", "check its permissions") from e
+    try:
+        return {name: read_tensor(fd, entry, path=header.path) for name, entry in header.tensors.items()}
+    finally:
+        os.close(fd)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open folders; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_error(path: Path, e: OSError) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full while writing", "free some space and run again; nothing was written")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"{path}: not writable ({e.strerror})", "choose another location or fix its permissions")
+    return OutputError(f"{path}: cannot write ({e.strerror})", "check the path and run again")
+
+
+class AtomicWriter:
+    """Stream a safetensors file tensor by tensor; it appears under its name only when complete.
+
+    The layout (names, dtypes, shapes) is fixed up front so the header can be
+    written first. Data goes to ``NAME.tmp`` in the same folder; :meth:`commit`
+    flushes, fsyncs and renames it into place, then fsyncs the folder, so a crash
+    leaves the old state or the whole new file, never half a file.
+
+    >>> with AtomicWriter("out.safetensors", [("w", "F32", (2,))], {}) as w:  # doctest: +SKIP
+    ...     w.write(torch.ones(2))
+    ...     w.commit()
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        layout: Sequence[tuple[str, str, Sequence[int]]],
+        metadata: dict[str, str],
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.overwrite = overwrite
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, code, shape in layout:
+            size = math.prod(shape) * DTYPES[code].itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        self._expected, self._written = offset, 0
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % _ALIGN)
+        try:
+            self._file = open(self.tmp, "wb")
+            self._file.write(len(text).to_bytes(8, "little") + text)
+        except OSError as e:
+            self.abort()
+            raise _os_error(self.path, e) from e
+
+    def write(self, data: torch.Tensor | memoryview | bytes) -> None:
+        """Append the next bytes of tensor data, in layout order (whole tensors or slices of them)."""
+        raw = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data).cast("B")
+        if self._written + raw.nbytes > self._expected:
+            raise ValueError(f"{self.path}: more tensor data than the layout holds")
+        try:
+            self._file.write(raw)
+        except OSError as e:
+            self.abort()
+            raise _os_error(self.path, e) from e
+        self._written += raw.nbytes
+
+    def commit(self) -> Path:
+        """Make the file durable and visible under its final name."""
+        if self._written != self._expected:
+            raise ValueError(f"{self.path}: {self._expected - self._written} bytes of the layout were not written")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            if self.overwrite:
+                os.replace(self.tmp, self.path)
+            else:
+                self._link_into_place()
+        except FileExistsError as e:
+            self.abort()
+            raise OutputError(f"{self.path} already exists", "use --force to overwrite it, or choose another name") from e
+        except OSError as e:
+            self.abort()
+            raise _os_error(self.path, e) from e
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def _link_into_place(self) -> None:
+        # A hard link never replaces an existing file: refusing to clobber stays atomic.
+        try:
+            os.link(self.tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            # File systems without hard links: check, then rename (a tiny race we accept there).
+            if self.path.exists():
+                raise FileExistsError(self.path) from e
+            os.replace(self.tmp, self.path)
+            return
+        os.unlink(self.tmp)
+
+    def abort(self) -> None:
+        """Drop the temporary file; the final path is left as it was."""
+        file = getattr(self, "_file", None)
+        if file is not None and not file.closed:
+            file.close()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is not None or not self._file.closed:
+            self.abort()
+
+
+def write_file(
+    path: str | os.PathLike[str],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write CPU tensors atomically as one safetensors file."""
+    items = list(tensors)
+    layout = [(name, CODES[t.dtype], tuple(t.shape)) for name, t in items]
+    with AtomicWriter(path, layout, metadata, overwrite=overwrite) as writer:
+        for _, tensor in items:
+            writer.write(tensor)
+        return writer.commit()

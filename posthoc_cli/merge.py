@@ -1,0 +1,412 @@
+"""Streaming synthesis: a weighted sum of snapshot files, one tensor slice at a time.
+
+For each slice of each tensor the inputs' bytes are read into the rows of one
+buffer ``X`` (``[inputs, n]``) and every target comes out of one matrix product
+``Wᵀ X`` (``[targets, n]``), so each input byte is read once however many
+targets there are. A background thread reads the next slice while the current
+one is multiplied and written. Memory is two buffers of :data:`BUFFER_BYTES`
+plus the products: it grows with neither the model nor the number of snapshots.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .container import CODES, DTYPES, AtomicWriter, TensorEntry, read_into
+from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
+from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
+from .snapshots import FLOAT_DTYPES, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+
+BUFFER_BYTES = 8 << 20  # one read buffer; two are in use at a time
+ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+# Relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
+NOISE_BOUND = 1e-3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a synthesis will do: which snapshots, with which weights, for which targets."""
+
+    folder: Path
+    t: int
+    sigma_rels: tuple[float, ...]
+    inputs: list[Snapshot]  # the snapshots with a non-zero weight, by (t, sigma_rel)
+    fit: Fit  # weights => [inputs, targets]
+    fixed_from: Snapshot  # the latest input: integer buffers are copied from it
+    skipped_files: int  # files in the folder that are not snapshots
+
+    @property
+    def entries(self) -> list[TensorEntry]:
+        """The tensors of the output, in file order."""
+        return sorted(self.fixed_from.tensors.values(), key=lambda e: e.begin)
+
+    @property
+    def input_dtype(self) -> str:
+        return self.fixed_from.dtype
+
+    def warnings(self) -> list[str]:
+        """Targets whose weights amplify the snapshots' storage rounding beyond :data:`NOISE_BOUND`."""
+        unit = torch.finfo(DTYPES[FLOAT_DTYPES[self.input_dtype]]).eps / 2
+        notes = []
+        for sigma_rel, amp in zip(self.sigma_rels, self.fit.sum_abs_weights):
+            noise = float(amp) * unit
+            if noise > max(NOISE_BOUND, 2 * unit):
+                notes.append(
+                    f"sigma_rel {sigma_rel}: Σ|w| = {amp:.3g} amplifies {self.input_dtype} rounding to ~{noise:.1e} "
+                    f"relative error (bound {NOISE_BOUND:g}); record this length or a shorter one, or store float32"
+                )
+        return notes
+
+
+def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: int | None = None) -> Plan:
+    """Solve for the weights of each target sigma_rel at time ``t`` (default: the latest snapshot).
+
+    >>> p = plan("ckpts", [0.15])  # doctest: +SKIP
+    >>> p.fit.profile_error  # doctest: +SKIP
+    array([0.0021])
+    """
+    targets = tuple(check_sigma_rel(s) for s in sigma_rels)
+    if not targets:
+        raise InvalidValueError("no target sigma_rel given", "pass at least one, e.g. --sigma-rel 0.15")
+    catalogue = scan(ckpt_dir)
+    catalogue.raise_if_broken()
+    if not catalogue.series:
+        raise CatalogueError(
+            f"no posthoc-ema snapshots in {catalogue.folder}",
+            "record some with posthoc_cli.Recorder, or pass the folder it wrote",
+        )
+    snaps = catalogue.snapshots
+    first, latest = snaps[0].t, catalogue.latest_t
+    if t is None:
+        t = latest
+    if not first <= t <= latest:
+        raise InvalidValueError(
+            f"--step {t} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
+        )
+    recorded = sorted(catalogue.series)
+    if len(recorded) == 1 and any(s != recorded[0] for s in targets):
+        raise CatalogueError(
+            f"only sigma_rel {recorded[0]} was recorded in {catalogue.folder}: other lengths cannot be synthesized from one",
+            "record at least two sigma_rels (e.g. 0.05 and 0.10) to choose the EMA length afterwards",
+        )
+    usable = [s for s in snaps if s.t <= t]
+    problems = layout_problems(usable)
+    if problems:
+        raise CatalogueError(problems[0], "remove the snapshots of the other model or run from one folder per model")
+    result = fit([s.t for s in usable], [s.sigma_rel for s in usable], [t] * len(targets), targets)
+    keep = np.flatnonzero(np.any(result.weights != 0, axis=1))  # zero rows need not be read at all
+    weights = result.weights[keep]
+    return Plan(
+        folder=catalogue.folder,
+        t=t,
+        sigma_rels=targets,
+        inputs=[usable[i] for i in keep],
+        fit=Fit(weights, result.profile_error, result.sum_abs_weights),
+        fixed_from=usable[-1],
+        skipped_files=len(catalogue.ignored),
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Bytes of input read so far, out of the total."""
+
+    done: int
+    total: int
+    tensor: str
+
+
+class _Sink(Protocol):
+    def write(self, data: torch.Tensor) -> None: ...
+
+
+class _MemorySink:
+    """Collects an output in memory, for :func:`load_synthesized`."""
+
+    def __init__(self, layout: list[tuple[str, str, tuple[int, ...]]]) -> None:
+        sizes = [int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize for _, code, shape in layout]
+        self._data = torch.empty(sum(sizes), dtype=torch.uint8)
+        self._cursor = 0
+        self.tensors: dict[str, torch.Tensor] = {}
+        offset = 0
+        for (name, code, shape), size in zip(layout, sizes):
+            self.tensors[name] = self._data[offset : offset + size].view(DTYPES[code]).view(shape)
+            offset += size
+
+    def write(self, data: torch.Tensor) -> None:
+        raw = data.reshape(-1).view(torch.uint8)
+        self._data[self._cursor : self._cursor + raw.numel()] = raw
+        self._cursor += raw.numel()
+
+
+class _Inputs:
+    """Read access to the input files; at most as many kept open as the descriptor limit allows."""
+
+    def __init__(self, snaps: list[Snapshot]) -> None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.snaps = snaps
+        self._keep_open = soft == resource.RLIM_INFINITY or len(snaps) + 64 <= soft // 2
+        self._fds = [self._open(s) for s in snaps] if self._keep_open else []
+
+    @staticmethod
+    def _open(snap: Snapshot) -> int:
+        try:
+            return os.open(snap.path, os.O_RDONLY)
+        except OSError as e:
+            raise SnapshotFileError(snap.path, f"cannot open ({e.strerror})", "check that it still exists and is readable") from e
+
+    def read(self, i: int, name: str, out: memoryview, start: int) -> None:
+        snap = self.snaps[i]
+        fd = self._fds[i] if self._keep_open else self._open(snap)
+        try:
+            read_into(fd, snap.tensors[name], out, start, path=snap.path)
+        finally:
+            if not self._keep_open:
+                os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+@dataclass(frozen=True)
+class _Slice:
+    entry: TensorEntry
+    start: int  # first element
+    count: int  # elements
+    averaged: bool
+
+
+def _slices(entries: list[TensorEntry], n_inputs: int) -> Iterator[_Slice]:
+    for entry in entries:
+        averaged = entry.dtype.is_floating_point
+        rows = n_inputs if averaged else 1
+        step = max(1, BUFFER_BYTES // (rows * entry.dtype.itemsize))
+        for start in range(0, entry.numel, step):
+            yield _Slice(entry, start, min(step, entry.numel - start), averaged)
+        if entry.numel == 0:
+            yield _Slice(entry, 0, 0, averaged)
+
+
+def stream(
+    p: Plan,
+    sinks: Sequence[_Sink],
+    *,
+    dtype: str | None = None,
+    accumulate: str = "float32",
+    allow_nonfinite: bool = False,
+) -> Iterator[Progress]:
+    """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress."""
+    out_dtype = DTYPES[FLOAT_DTYPES[dtype or p.input_dtype]]
+    acc = ACCUMULATE[accumulate]
+    w_t = torch.from_numpy(np.ascontiguousarray(p.fit.weights.T)).to(acc)  # => [targets, inputs]
+    n = len(p.inputs)
+    latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
+    files = _Inputs(p.inputs if latest is not None else [*p.inputs, p.fixed_from])
+    fixed_row = latest if latest is not None else n
+    size = max(BUFFER_BYTES, n * 8)
+    buffers = [torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)]
+
+    def read(s: _Slice, buffer: torch.Tensor) -> torch.Tensor:
+        itemsize = s.entry.dtype.itemsize
+        rows = range(n) if s.averaged else [fixed_row]
+        x = buffer[: len(rows) * s.count * itemsize].view(s.entry.dtype).view(len(rows), s.count)
+        for r, i in enumerate(rows):
+            files.read(i, s.entry.name, memoryview(x[r].numpy()) if s.count else memoryview(b""), s.start * itemsize)
+        return x
+
+    total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
+    done = 0
+    slices = list(_slices(p.entries, n))
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-read") as pool:
+            pending = pool.submit(read, slices[0], buffers[0]) if slices else None
+            for k, s in enumerate(slices):
+                assert pending is not None
+                x = pending.result()
+                if k + 1 < len(slices):
+                    pending = pool.submit(read, slices[k + 1], buffers[(k + 1) % 2])
+                if s.averaged:
+                    y = torch.mm(w_t, x.to(acc)).to(out_dtype)  # => [targets, count]
+                    if not allow_nonfinite and not bool(torch.isfinite(y).all()):
+                        raise _nonfinite(p, s, x, out_dtype)
+                    for j, sink in enumerate(sinks):
+                        sink.write(y[j])
+                else:
+                    for sink in sinks:
+                        sink.write(x[0])
+                done += x.numel() * s.entry.dtype.itemsize
+                yield Progress(done, total, s.entry.name)
+    finally:
+        files.close()
+
+
+def _nonfinite(p: Plan, s: _Slice, x: torch.Tensor, out_dtype: torch.dtype) -> NonFiniteError:
+    bad = [p.inputs[i].path for i in range(len(p.inputs)) if not bool(torch.isfinite(x[i]).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+        return NonFiniteError(
+            f"tensor {s.entry.name!r} in {bad[0]} holds NaN or Inf{more}",
+            "move that snapshot out of the folder, or pass --allow-nonfinite to write the result anyway",
+        )
+    return NonFiniteError(
+        f"tensor {s.entry.name!r} overflows {str(out_dtype).removeprefix('torch.')} after averaging",
+        "use --dtype float32, or pass --allow-nonfinite to write it anyway",
+    )
+
+
+def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str]:
+    sigma_rel = p.sigma_rels[j]
+    return encode_metadata(
+        {
+            "format": 1,
+            "kind": "synthesized",
+            "sigma_rel": sigma_rel,
+            "gamma": sigma_rel_to_gamma(sigma_rel),
+            "t": p.t,
+            "time_unit": p.fixed_from.time_unit,
+            "updates": 0,
+            "dtype": out_dtype,
+            "library": library_info(),
+            "created": utc_now(),
+            "inputs": [{"file": s.path.name, "sigma_rel": s.sigma_rel, "t": s.t} for s in p.inputs],
+            "weights": [float(w) for w in p.fit.weights[:, j]],
+            "profile_error": float(p.fit.profile_error[j]),
+            "sum_abs_weights": float(p.fit.sum_abs_weights[j]),
+            "accumulate": accumulate,
+        }
+    )
+
+
+def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
+    """One target: ``out`` is the file. Several: ``out`` is a folder. Default: the current folder."""
+    names = [synthesized_name(s, p.t) for s in p.sigma_rels]
+    if len(names) != len(set(names)):
+        raise InvalidValueError("the same sigma_rel is asked for twice", "give each --sigma-rel once")
+    if len(p.sigma_rels) == 1 and out is not None and not Path(out).is_dir():
+        return [Path(out)]
+    folder = Path(out) if out is not None else Path.cwd()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
+    return [folder / name for name in names]
+
+
+def _check_outputs(p: Plan, paths: list[Path], force: bool) -> None:
+    inputs = {s.path.resolve() for s in [*p.inputs, p.fixed_from]}
+    for path in paths:
+        if path.resolve() in inputs:
+            raise OutputError(f"{path} is one of the input snapshots", "write the output somewhere else")
+        if path.is_dir():
+            raise OutputError(f"{path} is a folder", "pass a file path to --out, or remove that folder")
+        if path.exists() and not force:
+            raise OutputError(f"{path} already exists", "use --force to overwrite it, or choose another --out")
+
+
+def synthesize_iter(
+    p: Plan,
+    paths: list[Path],
+    *,
+    dtype: str | None = None,
+    accumulate: str = "float32",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+) -> Iterator[Progress]:
+    """Stream every target of ``p`` into its file in one pass over the inputs, yielding progress.
+
+    Files appear only when complete; on any error (or if the iteration is
+    abandoned) no output file is left behind.
+    """
+    _check_outputs(p, paths, force)
+    out_name = dtype or p.input_dtype
+    layout = [
+        (e.name, FLOAT_DTYPES[out_name] if e.dtype.is_floating_point else e.code, e.shape) for e in p.entries
+    ]
+    writers: list[AtomicWriter] = []
+    try:
+        for j, path in enumerate(paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writers.append(AtomicWriter(path, layout, _metadata(p, j, out_name, accumulate), overwrite=force))
+        yield from stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite)
+        for writer in writers:
+            writer.commit()
+    finally:
+        for writer in writers:
+            writer.abort()  # no-op for committed files; removes the temp file otherwise
+
+
+def _check_dtype(dtype: str | None, accumulate: str) -> None:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise InvalidValueError(f"dtype {dtype!r} is not supported", f"use one of {', '.join(FLOAT_DTYPES)}")
+    if accumulate not in ACCUMULATE:
+        raise InvalidValueError(f"accumulate {accumulate!r} is not supported", "use float32 or float64")
+
+
+def synthesize(
+    ckpt_dir: str | os.PathLike[str],
+    sigma_rels: float | Sequence[float],
+    *,
+    t: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    accumulate: str = "float32",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+) -> list[Path]:
+    """Synthesize the EMA of each ``sigma_rel`` at time ``t`` and write it as a safetensors file.
+
+    One target: ``out`` is the file; several: ``out`` is a folder (default: the
+    current folder, files named ``ema-s<sigma_rel>-t<t>.safetensors``).
+
+    >>> synthesize("ckpts", 0.15, out="ema-0.15.safetensors")  # doctest: +SKIP
+    [PosixPath('ema-0.15.safetensors')]
+    """
+    targets = [sigma_rels] if isinstance(sigma_rels, (int, float)) else list(sigma_rels)
+    name = _dtype_name(dtype)
+    _check_dtype(name, accumulate)
+    p = plan(ckpt_dir, targets, t=t)
+    paths = output_paths(p, out)
+    for _ in synthesize_iter(p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite):
+        pass
+    return paths
+
+
+def load_synthesized(
+    ckpt_dir: str | os.PathLike[str],
+    sigma_rel: float,
+    *,
+    t: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    accumulate: str = "float32",
+) -> dict[str, torch.Tensor]:
+    """The synthesized EMA as a state dict in memory, ready for ``model.load_state_dict``.
+
+    >>> model.load_state_dict(load_synthesized("ckpts", 0.15))  # doctest: +SKIP
+    """
+    name = _dtype_name(dtype)
+    _check_dtype(name, accumulate)
+    p = plan(ckpt_dir, [sigma_rel], t=t)
+    out = FLOAT_DTYPES[name or p.input_dtype]
+    sink = _MemorySink([(e.name, out if e.dtype.is_floating_point else e.code, e.shape) for e in p.entries])
+    for _ in stream(p, [sink], dtype=name, accumulate=accumulate):
+        pass
+    return sink.tensors
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    if isinstance(dtype, torch.dtype):
+        code = CODES.get(dtype)
+        names = {v: k for k, v in FLOAT_DTYPES.items()}
+        if code not in names:
+            raise InvalidValueError(f"dtype {dtype} is not supported", f"use one of {', '.join(FLOAT_DTYPES)}")
+        return names[code]
+    return dtype

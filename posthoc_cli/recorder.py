@@ -1,0 +1,323 @@
+"""The Recorder: power-function EMAs of a model inside the training loop, written as snapshots.
+
+Per EMA and per step the work is one fused multi-tensor lerp over tensor lists
+built once (Eq. 127 with the exact step length Δ), with beta computed in Python
+from integers, so an update never reads a device tensor and never synchronises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from torch import nn
+
+from .container import load_tensors
+from .errors import InvalidValueError, ResumeError
+from .profiles import check_sigma_rel, sigma_rel_to_gamma, update_beta
+from .snapshots import FLOAT_DTYPES, Catalogue, scan, snapshot_metadata, snapshot_name
+from .writer import SnapshotWriter
+
+# Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
+    """Identifies the memory a tensor covers, so tied weights (one tensor, two names) share one EMA."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def strip_wrappers(name: str) -> str:
+    """``_orig_mod.module.fc.weight`` → ``fc.weight``."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+class Recorder:
+    """Track power-function EMAs of ``model`` and write them as snapshots.
+
+    Call :meth:`update` after every optimizer step. Every ``snapshot_every`` steps
+    each EMA is written to ``ckpt_dir`` as ``ema-s<sigma_rel>-t<t>.safetensors``.
+    Snapshot writes happen on a background thread (``async_write=False`` writes in
+    the calling thread); :meth:`close` or leaving the ``with`` block waits for them.
+
+    A Recorder opened on a folder that already holds its snapshots resumes: each
+    EMA continues from its latest snapshot and :attr:`t` from the earliest of those
+    times, so a training loop restarted from its own checkpoint at :attr:`t`
+    reproduces the uninterrupted run exactly. Other sigma_rels, another model's
+    tensors or another snapshot dtype are refused.
+
+    >>> with Recorder(model, "ckpts", sigma_rels=(0.05, 0.10), snapshot_every=1000) as rec:  # doctest: +SKIP
+    ...     for step in range(rec.t, total_steps):
+    ...         train_step(model)
+    ...         rec.update()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ckpt_dir: str | os.PathLike[str] = "ckpts",
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        snapshot_every: int = 1000,
+        *,
+        update_every: int = 1,
+        snapshot_dtype: torch.dtype = torch.float32,
+        ema_device: torch.device | str | None = None,
+        time_unit: str = "step",
+        async_write: bool = True,
+        max_pending: int | None = None,
+    ) -> None:
+        sigma_rels = tuple(check_sigma_rel(s) for s in sigma_rels)
+        if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
+            raise InvalidValueError(f"sigma_rels {sigma_rels} must be distinct and non-empty", "e.g. sigma_rels=(0.05, 0.10)")
+        for label, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidValueError(f"{label}={value!r} is not a positive integer", f"pass e.g. {label}=1000")
+        if snapshot_dtype not in _STORAGE_DTYPES:
+            raise InvalidValueError(
+                f"snapshot_dtype {snapshot_dtype} is not supported", "use torch.float32, torch.float16 or torch.bfloat16"
+            )
+        self.model = model
+        self.ckpt_dir = Path(ckpt_dir)
+        self.sigma_rels = sigma_rels
+        self.gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
+        self.snapshot_every = snapshot_every
+        self.update_every = update_every
+        self.snapshot_dtype = snapshot_dtype
+        self.time_unit = time_unit
+        self._writer = SnapshotWriter(
+            background=async_write, max_pending=max_pending if max_pending is not None else len(sigma_rels)
+        )
+        self._collect_tensors(ema_device)
+        self._t = 0  # time of the latest update() call
+        self._t_ema = [0] * len(sigma_rels)  # time of each EMA's latest update
+        self._updates = [0] * len(sigma_rels)
+        self._written: set[tuple[int, int]] = set()  # (ema index, t) already on disk
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._resume(scan(self.ckpt_dir))
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _collect_tensors(self, ema_device: torch.device | str | None) -> None:
+        """Build, once, the flat lists that every update works on."""
+        state = self.model.state_dict(keep_vars=True)
+        self.names = [strip_wrappers(n) for n in state]
+        if len(set(self.names)) != len(self.names):
+            raise InvalidValueError("tensor names collide after removing wrapper prefixes", "record the unwrapped model")
+        self._sources: list[torch.Tensor] = []  # unique floating-point tensors of the model
+        index: dict[object, int] = {}  # id(tensor) → position in _sources; tied weights share one EMA
+        self._slots: list[tuple[bool, int]] = []  # per name: (averaged?, index into _sources or _fixed)
+        self._fixed: list[torch.Tensor] = []  # integer/bool buffers, stored as they are
+        for original in state.values():
+            tensor = original.detach()
+            if tensor.is_floating_point():
+                key = _storage_key(tensor) if tensor.numel() else id(original)
+                if key not in index:
+                    index[key] = len(self._sources)
+                    self._sources.append(tensor)
+                self._slots.append((True, index[key]))
+            else:
+                self._slots.append((False, len(self._fixed)))
+                self._fixed.append(tensor)
+        device = torch.device(ema_device) if ema_device is not None else None
+        # The float32 view of each source that the lerp reads: the source itself when it already is
+        # float32 on the EMA's device, otherwise a scratch buffer refreshed once per update for all EMAs.
+        self._inputs: list[torch.Tensor] = []
+        self._convert_src: list[torch.Tensor] = []
+        self._convert_dst: list[torch.Tensor] = []
+        for src in self._sources:
+            target = device or src.device
+            if src.dtype == torch.float32 and src.device == target:
+                self._inputs.append(src)
+                continue
+            pin = target.type == "cpu" and src.is_cuda
+            scratch = torch.empty(src.shape, dtype=torch.float32, device=target, pin_memory=pin)
+            self._inputs.append(scratch)
+            self._convert_src.append(src)
+            self._convert_dst.append(scratch)
+        with torch.no_grad():
+            self._emas = [[x.to(torch.float32, copy=True) for x in self._snapshot_inputs()] for _ in self.sigma_rels]
+
+    def _snapshot_inputs(self) -> list[torch.Tensor]:
+        """The current float32 values of the sources, on the EMA device."""
+        if self._convert_src:
+            torch._foreach_copy_(self._convert_dst, self._convert_src, non_blocking=True)
+            if any(d.is_pinned() for d in self._convert_dst):
+                torch.cuda.current_stream().synchronize()  # the host lerp must see the copied values
+        return self._inputs
+
+    def _resume(self, catalogue: Catalogue) -> None:
+        """Continue the snapshots already in the folder, or refuse with what differs."""
+        if not catalogue.series and not catalogue.broken:
+            return
+        catalogue.raise_if_broken()
+        where = self.ckpt_dir
+        recorded = sorted(catalogue.series)
+        if recorded != sorted(self.sigma_rels):
+            raise ResumeError(
+                f"{where} holds snapshots of sigma_rels {recorded}, not {sorted(self.sigma_rels)}",
+                f"pass sigma_rels={tuple(recorded)} to continue them, or use a new folder",
+            )
+        storage = _STORAGE_DTYPES[self.snapshot_dtype]
+        for k, sigma_rel in enumerate(self.sigma_rels):
+            latest = catalogue.series[sigma_rel][-1]
+            if latest.dtype != storage:
+                raise ResumeError(
+                    f"{latest.path} was recorded in {latest.dtype}, not {storage}",
+                    f"pass snapshot_dtype=torch.{latest.dtype} to continue it, or use a new folder",
+                )
+            if latest.time_unit != self.time_unit:
+                raise ResumeError(
+                    f"{latest.path} counts time in {latest.time_unit!r}, not {self.time_unit!r}",
+                    f"pass time_unit={latest.time_unit!r}, or use a new folder",
+                )
+            stored = {n: (e.shape) for n, e in latest.tensors.items()}
+            ours = {n: tuple(t.shape) for n, t in zip(self.names, self._tensors_by_name())}
+            if stored != ours:
+                diff = sorted(set(stored.items()) ^ set(ours.items()))[:3]
+                raise ResumeError(
+                    f"{latest.path} was recorded from another model (tensors differ: {diff})",
+                    "record this model in a new folder",
+                )
+            tensors = load_tensors(latest.header)
+            with torch.no_grad():
+                for (averaged, i), name in zip(self._slots, self.names):
+                    if averaged:
+                        self._emas[k][i].copy_(tensors[name])
+            self._t_ema[k] = latest.t
+            self._updates[k] = latest.updates
+            self._written.update((k, s.t) for s in catalogue.series[sigma_rel])
+        self._t = min(self._t_ema)
+
+    def _tensors_by_name(self) -> list[torch.Tensor]:
+        return [self._sources[i] if averaged else self._fixed[i] for averaged, i in self._slots]
+
+    # -- the training loop ------------------------------------------------------------------------
+
+    @property
+    def t(self) -> int:
+        """The time of the latest update (after a resume: where the training loop should continue)."""
+        return self._t
+
+    def update(self, step: int | None = None) -> None:
+        """Fold the model's current weights into every EMA; call after each optimizer step.
+
+        ``step`` is the training time after that step (default: one more than the
+        last). Times may skip: the update uses the exact gap, so calling only every
+        k-th step gives the same profile as calling every step, without correction.
+        """
+        self._writer.raise_error()
+        t = self._t + 1 if step is None else step
+        if not isinstance(t, int) or t <= self._t:
+            raise InvalidValueError(
+                f"step {t!r} does not advance time (last update was at t={self._t})",
+                "pass the training time after this optimizer step; it must increase",
+            )
+        crossed_snapshot = t // self.snapshot_every > self._t // self.snapshot_every
+        self._t = t
+        self._update_emas(t, self.update_every if not crossed_snapshot else 1)
+        if crossed_snapshot:
+            self._write(t)
+
+    @torch.no_grad()
+    def _update_emas(self, t: int, every: int = 1) -> None:
+        """Bring each EMA to time ``t`` if it is at least ``every`` behind (a snapshot forces it)."""
+        inputs = None
+        for k, ema in enumerate(self._emas):
+            if t - self._t_ema[k] < every:
+                continue  # not due, or resumed ahead of the others with this step already inside it
+            if inputs is None:
+                inputs = self._snapshot_inputs()
+            torch._foreach_lerp_(ema, inputs, 1.0 - update_beta(t, self._t_ema[k], self.gammas[k]))
+            self._t_ema[k] = t
+            self._updates[k] += 1
+
+    def snapshot(self) -> None:
+        """Write every EMA now, at the current time (e.g. at the end of training)."""
+        self._writer.raise_error()
+        if self._t == 0:
+            raise InvalidValueError("nothing to snapshot yet", "call update() after an optimizer step first")
+        self._update_emas(self._t)
+        self._write(self._t)
+
+    def _write(self, t: int) -> None:
+        storage = _STORAGE_DTYPES[self.snapshot_dtype]
+        for k, sigma_rel in enumerate(self.sigma_rels):
+            if (k, t) in self._written or self._t_ema[k] != t:
+                continue
+            tensors, dtypes = [], []
+            for averaged, i in self._slots:
+                tensors.append(self._emas[k][i] if averaged else self._fixed[i])
+                dtypes.append(self.snapshot_dtype if averaged else self._fixed[i].dtype)
+            metadata = snapshot_metadata(
+                sigma_rel=sigma_rel, gamma=self.gammas[k], t=t, time_unit=self.time_unit,
+                updates=self._updates[k], dtype=storage,
+            )
+            self._writer.submit(self.ckpt_dir / snapshot_name(sigma_rel, t), self.names, tensors, dtypes, metadata)
+            self._written.add((k, t))
+
+    def flush(self) -> None:
+        """Wait until every snapshot written so far is on disk."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Wait for pending writes and stop the writer thread; raises a write error if one happened."""
+        self._writer.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the body's exception matters more than a write error
+            self.close()
+
+    # -- using an EMA -----------------------------------------------------------------------------
+
+    def ema_state_dict(self, sigma_rel: float) -> dict[str, torch.Tensor]:
+        """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are)."""
+        k = self._index(sigma_rel)
+        return {
+            name: (self._emas[k][i] if averaged else self._fixed[i]).detach().clone()
+            for name, (averaged, i) in zip(self.names, self._slots)
+        }
+
+    @contextlib.contextmanager
+    def swapped(self, sigma_rel: float) -> Iterator[nn.Module]:
+        """Evaluate with one tracked EMA: its weights go into the model, the training weights come back after.
+
+        >>> with rec.swapped(0.10) as ema_model:  # doctest: +SKIP
+        ...     val_loss = evaluate(ema_model)
+        """
+        k = self._index(sigma_rel)
+        with torch.no_grad():
+            backup = [s.clone() for s in self._sources]
+            for source, ema in zip(self._sources, self._emas[k]):
+                source.copy_(ema)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self._sources, backup)
+
+    def _index(self, sigma_rel: float) -> int:
+        for k, s in enumerate(self.sigma_rels):
+            if math.isclose(s, sigma_rel, rel_tol=1e-12):
+                return k
+        raise InvalidValueError(
+            f"sigma_rel {sigma_rel} is not tracked by this Recorder", f"use one of {', '.join(map(str, self.sigma_rels))}"
+        )
+
+
+__all__ = ["FLOAT_DTYPES", "Recorder", "strip_wrappers"]

@@ -1,0 +1,179 @@
+"""Streaming synthesis against an oracle: an EMA tracked directly during the same training run."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from posthoc_cli import merge
+from posthoc_cli import CatalogueError, InvalidValueError, NonFiniteError, OutputError, Recorder, load_synthesized, plan, synthesize
+from posthoc_cli.container import load_tensors, write_file
+from posthoc_cli.snapshots import read_snapshot, scan
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def train(folders_and_sigmas, steps: int = 400, snapshot_every: int = 20, **kw) -> nn.Module:
+    """One synthetic trajectory (drift + noise, like SGD), recorded by one Recorder per folder."""
+    model = make_model()
+    recs = [Recorder(model, f, sigma_rels=s, snapshot_every=snapshot_every, **kw) for f, s in folders_and_sigmas]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in range(1, steps + 1):
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g) + 0.002)
+            for rec in recs:
+                rec.update()
+    for rec in recs:
+        rec.close()
+    return model
+
+
+def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum(float((a[n].double() - b[n].double()).pow(2).sum()) for n in b)
+    den = sum(float(b[n].double().pow(2).sum()) for n in b)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oracle")
+    train([(root / "ckpts", (0.05, 0.10)), (root / "direct", (0.15, 0.08))])
+    return root
+
+
+def test_synthesized_matches_directly_tracked_ema(recorded, tmp_path):
+    out = synthesize(recorded / "ckpts", 0.15, out=tmp_path / "ema.safetensors")[0]
+    direct = load_tensors(scan(recorded / "direct").series[0.15][-1].header)
+    got = safetensors.torch.load_file(out)
+    assert rel_err(got, direct) < 1e-3
+    # and a length between the recorded ones, at an earlier time
+    out = synthesize(recorded / "ckpts", 0.08, t=200, out=tmp_path / "ema08.safetensors")[0]
+    direct08 = next(s for s in scan(recorded / "direct").series[0.08] if s.t == 200)
+    assert rel_err(safetensors.torch.load_file(out), load_tensors(direct08.header)) < 1e-3
+
+
+def test_output_loads_into_the_model_and_records_what_it_is(recorded, tmp_path):
+    out = synthesize(recorded / "ckpts", 0.15, out=tmp_path / "ema.safetensors")[0]
+    model = make_model()
+    model.load_state_dict(safetensors.torch.load_file(out))
+    snap = read_snapshot(out)
+    assert snap.kind == "synthesized" and snap.sigma_rel == 0.15 and snap.t == 400
+    info = snap.info
+    assert len(info["inputs"]) == len(info["weights"]) > 2
+    assert abs(sum(info["weights"]) - 1) < 1e-9
+    assert 0 <= info["profile_error"] < 0.05 and info["sum_abs_weights"] >= 1
+    # synthesized outputs next to the snapshots are not inputs to later scans
+    synthesize(recorded / "ckpts", 0.12, out=recorded / "ckpts" / "side.safetensors")
+    assert not any(s.kind != "snapshot" for s in scan(recorded / "ckpts").snapshots)
+    (recorded / "ckpts" / "side.safetensors").unlink()
+
+
+def test_load_synthesized_is_identical_to_the_file(recorded, tmp_path):
+    out = synthesize(recorded / "ckpts", 0.15, out=tmp_path / "ema.safetensors")[0]
+    in_memory = load_synthesized(recorded / "ckpts", 0.15)
+    on_disk = safetensors.torch.load_file(out)
+    assert in_memory.keys() == on_disk.keys()
+    for name in on_disk:
+        assert torch.equal(in_memory[name], on_disk[name]), name
+
+
+def test_recorded_length_is_reproduced_bit_for_bit(recorded):
+    snap = scan(recorded / "ckpts").series[0.10][-1]
+    got = load_synthesized(recorded / "ckpts", 0.10)
+    for name, tensor in load_tensors(snap.header).items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_many_targets_in_one_pass_equal_single_runs(recorded, tmp_path):
+    targets = [0.06, 0.09, 0.12, 0.15, 0.2]
+    paths = synthesize(recorded / "ckpts", targets, out=tmp_path / "many")
+    assert [p.parent for p in paths] == [tmp_path / "many"] * len(targets)
+    for sigma_rel, path in zip(targets, paths):
+        single = load_synthesized(recorded / "ckpts", sigma_rel)
+        many = safetensors.torch.load_file(path)
+        for name in single:
+            torch.testing.assert_close(many[name], single[name], rtol=1e-6, atol=1e-7)
+
+
+def test_slicing_does_not_change_results(recorded, monkeypatch):
+    """Tensors split across many tiny read buffers give the same sums as whole-tensor reads."""
+    whole = load_synthesized(recorded / "ckpts", 0.15)
+    monkeypatch.setattr(merge, "BUFFER_BYTES", 64)
+    sliced = load_synthesized(recorded / "ckpts", 0.15)
+    for name in whole:
+        torch.testing.assert_close(sliced[name], whole[name], rtol=1e-6, atol=1e-7)
+
+
+def test_dtype_and_float64_accumulation(recorded):
+    half = load_synthesized(recorded / "ckpts", 0.15, dtype="float16")
+    wide = load_synthesized(recorded / "ckpts", 0.15, accumulate="float64")
+    base = load_synthesized(recorded / "ckpts", 0.15)
+    for name, tensor in base.items():
+        if tensor.is_floating_point():
+            assert half[name].dtype == torch.float16
+            torch.testing.assert_close(half[name].float(), tensor, rtol=2e-3, atol=1e-3)
+            torch.testing.assert_close(wide[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_buffers_come_from_the_latest_input(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with Recorder(model, tmp_path, snapshot_every=10) as rec:
+        for _ in range(30):
+            model[1].num_batches_tracked.add_(1)
+            with torch.no_grad():
+                model[0].weight.add_(0.1)
+            rec.update()
+    for t, expected in ((30, 30), (20, 20)):
+        got = load_synthesized(tmp_path, 0.12, t=t)
+        assert int(got["1.num_batches_tracked"]) == expected
+
+
+def test_refusals(recorded, tmp_path):
+    ckpts = recorded / "ckpts"
+    with pytest.raises(InvalidValueError, match="outside the recorded range"):
+        plan(ckpts, [0.15], t=401)
+    with pytest.raises(InvalidValueError, match="outside the recorded range"):
+        plan(ckpts, [0.15], t=5)
+    with pytest.raises(InvalidValueError, match="out of range"):
+        plan(ckpts, [0.29])
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="already exists"):
+        synthesize(ckpts, 0.15, out=out)
+    assert out.read_bytes() == b"keep me"
+    victim = scan(ckpts).series[0.10][-1].path
+    before = victim.read_bytes()
+    with pytest.raises(OutputError, match="one of the input"):
+        synthesize(ckpts, 0.15, out=victim, force=True)
+    assert victim.read_bytes() == before
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CatalogueError, match="no posthoc-ema snapshots"):
+        synthesize(tmp_path / "empty", 0.15, out=tmp_path / "y.safetensors")
+
+
+def test_single_recorded_length_cannot_make_others(tmp_path):
+    train([(tmp_path, (0.10,))], steps=60)
+    with pytest.raises(CatalogueError, match="only sigma_rel 0.1 was recorded"):
+        plan(tmp_path, [0.15])
+    assert plan(tmp_path, [0.10]).fit.weights.shape[0] == 1
+
+
+def test_nonfinite_input_is_reported_with_file_and_tensor(tmp_path):
+    train([(tmp_path, (0.05, 0.10))], steps=60)
+    snap = scan(tmp_path).series[0.05][-1]
+    tensors = load_tensors(snap.header)
+    tensors["0.weight"][0, 0] = float("nan")
+    snap.path.unlink()
+    write_file(snap.path, tensors.items(), snap.header.metadata)
+    with pytest.raises(NonFiniteError, match=r"'0.weight' in .*ema-s0.050-t000000000060"):
+        synthesize(tmp_path, 0.08, out=tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    out = synthesize(tmp_path, 0.08, out=tmp_path / "out.safetensors", allow_nonfinite=True)[0]
+    assert torch.isnan(safetensors.torch.load_file(out)["0.weight"][0, 0])
