@@ -21,7 +21,7 @@ from .container import load_tensors
 from .errors import InvalidValueError, ResumeError
 from .profiles import check_sigma_rel, sigma_rel_to_gamma, update_beta
 from .snapshots import FLOAT_DTYPES, Catalogue, scan, snapshot_metadata, snapshot_name
-from .writer import SnapshotWriter
+from .writer import SnapshotWriter, Job
 
 # Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -100,6 +100,7 @@ class Recorder:
         self._t_ema = [0] * len(sigma_rels)  # time of each EMA's latest update
         self._updates = [0] * len(sigma_rels)
         self._written: set[tuple[int, int]] = set()  # (ema index, t) already on disk
+        self._staging: list[Job] = []  # snapshots whose EMA copies may still be in progress
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._resume(scan(self.ckpt_dir))
 
@@ -235,6 +236,8 @@ class Recorder:
                 continue  # not due, or resumed ahead of the others with this step already inside it
             if inputs is None:
                 inputs = self._snapshot_inputs()
+                while self._staging:  # a snapshot may still be copying these EMAs
+                    self._staging.pop().wait_released()
             torch._foreach_lerp_(ema, inputs, 1.0 - update_beta(t, self._t_ema[k], self.gammas[k]))
             self._t_ema[k] = t
             self._updates[k] += 1
@@ -260,7 +263,9 @@ class Recorder:
                 sigma_rel=sigma_rel, gamma=self.gammas[k], t=t, time_unit=self.time_unit,
                 updates=self._updates[k], dtype=storage,
             )
-            self._writer.submit(self.ckpt_dir / snapshot_name(sigma_rel, t), self.names, tensors, dtypes, metadata)
+            path = self.ckpt_dir / snapshot_name(sigma_rel, t)
+            stable = [averaged for averaged, _ in self._slots]
+            self._staging.append(self._writer.submit(path, self.names, tensors, dtypes, metadata, stable=stable))
             self._written.add((k, t))
 
     def flush(self) -> None:

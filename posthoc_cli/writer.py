@@ -1,19 +1,29 @@
 """Snapshot writes off the training thread: staging buffers, a writer thread, back-pressure.
 
-The training thread only copies EMA tensors into a free staging set (pinned host
-memory when the EMA lives on an accelerator, filled with non-blocking copies and
-an event) and queues it. A writer thread waits for that event, writes the file
-atomically and hands the staging set back. There are at most ``max_pending``
-staging sets, so host memory stays bounded: when all are in flight, the next
-snapshot waits for a write to finish. The first write error is kept and raised
-in the training thread at its next call.
+A snapshot must capture the EMAs at time t while training goes on. What the
+training thread does at ``snapshot()`` is only to queue the work:
+
+- host tensors that change under training (the model's integer buffers) are
+  cloned at once — they are small;
+- accelerator tensors are copied into pinned host memory with non-blocking
+  copies on a side stream, and an event marks when they are done;
+- host EMA tensors, the bulk, are copied into staging memory by the writer
+  thread itself. The EMAs only change in the next update, so the Recorder
+  waits on :attr:`Staged.released` there — by then the copy, which ran while
+  the training step computed, is normally long finished. On an accelerator
+  the next update waits for the copy on the device, never on the host.
+
+The writer thread then writes the file atomically and returns the staging set.
+There are at most ``max_pending`` staging sets, so host memory is bounded: when
+all are in flight, the next snapshot waits for a write to finish. The first
+write error is kept and raised in the training thread at its next call.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,12 +33,20 @@ from .errors import PosthocError, WriterError
 
 
 @dataclass
-class _Job:
+class Job:
     path: Path
     names: list[str]
     staging: list[torch.Tensor]
     metadata: dict[str, str]
-    ready: torch.cuda.Event | None
+    deferred: list[tuple[int, torch.Tensor]]  # (slot, source) copied by the writer thread
+    ready: torch.cuda.Event | None  # accelerator copies done
+    released: threading.Event = field(default_factory=threading.Event)  # host sources may change again
+
+    def wait_released(self) -> None:
+        """Block until the sources may change: the host waits for the writer's copy, the device for its own."""
+        self.released.wait()
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)  # ordered on the device, no host sync
 
 
 class SnapshotWriter:
@@ -41,58 +59,94 @@ class SnapshotWriter:
         self._max_pending = max_pending
         self._free: queue.Queue[list[torch.Tensor]] = queue.Queue()
         self._allocated = 0
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._side_stream: torch.cuda.Stream | None = None
 
     def submit(
-        self, path: Path, names: list[str], tensors: list[torch.Tensor], dtypes: list[torch.dtype],
+        self,
+        path: Path,
+        names: list[str],
+        tensors: list[torch.Tensor],
+        dtypes: list[torch.dtype],
         metadata: dict[str, str],
-    ) -> None:
-        """Stage ``tensors`` (converted to ``dtypes``) and write them as ``path``."""
+        *,
+        stable: list[bool],
+    ) -> Job:
+        """Queue ``tensors`` (as ``dtypes``) to be written as ``path``.
+
+        ``stable[i]`` says tensor i does not change until the returned event is
+        set (an EMA: the caller calls ``wait_released()`` on the returned job
+        before its next update), so its copy can happen on the writer thread.
+        Other host tensors are copied now.
+        """
         self.raise_error()
         staging = self._acquire(tensors, dtypes)
+        deferred, ready = [], None
         with torch.no_grad():
-            torch._foreach_copy_(staging, tensors, non_blocking=True)
-        ready = None
-        if any(t.is_cuda for t in tensors):
-            ready = torch.cuda.Event()
-            ready.record()
-        job = _Job(path, names, staging, metadata, ready)
+            for i, (src, dst) in enumerate(zip(tensors, staging)):
+                if src.is_cuda:
+                    ready = ready or self._cuda_event_after_copies(tensors, staging)
+                elif stable[i] and self._background:
+                    deferred.append((i, src))
+                else:
+                    dst.copy_(src)
+        job = Job(path, names, staging, metadata, deferred, ready)
         if not self._background:
             self._run(job)
             self.raise_error()
-            return
+            return job
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="posthoc-ema-writer", daemon=True)
             self._thread.start()
         self._jobs.put(job)
+        return job
+
+    def _cuda_event_after_copies(self, tensors: list[torch.Tensor], staging: list[torch.Tensor]) -> torch.cuda.Event:
+        """Copy every CUDA tensor to pinned memory on a side stream; the event marks the end."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        main = torch.cuda.current_stream()
+        self._side_stream.wait_stream(main)  # the copies see the finished EMA update
+        with torch.cuda.stream(self._side_stream):
+            for src, dst in zip(tensors, staging):
+                if src.is_cuda:
+                    dst.copy_(src, non_blocking=True)
+                    src.record_stream(self._side_stream)
+            event = torch.cuda.Event()
+            event.record()
+        return event
 
     def _acquire(self, tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
         """A free staging set, allocated on first need; blocks while ``max_pending`` are in flight."""
         try:
             staging = self._free.get_nowait()
         except queue.Empty:
-            if self._allocated >= self._max_pending:
-                staging = self._free.get()  # back-pressure: wait for a write to finish
-            else:
+            if self._allocated < self._max_pending:
                 self._allocated += 1
-                pin = torch.cuda.is_available() and any(t.is_cuda for t in tensors)
-                return [torch.empty(t.shape, dtype=d, device="cpu", pin_memory=pin) for t, d in zip(tensors, dtypes)]
+                staging = []
+            else:
+                staging = self._free.get()  # back-pressure: wait for a write to finish
         if [(s.shape, s.dtype) for s in staging] != [(t.shape, d) for t, d in zip(tensors, dtypes)]:
-            pin = staging[0].is_pinned() if staging else False
+            pin = torch.cuda.is_available() and any(t.is_cuda for t in tensors)
             staging = [torch.empty(t.shape, dtype=d, device="cpu", pin_memory=pin) for t, d in zip(tensors, dtypes)]
         return staging
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         try:
+            if job.deferred:
+                with torch.no_grad():
+                    torch._foreach_copy_([job.staging[i] for i, _ in job.deferred], [s for _, s in job.deferred])
+            job.released.set()
             if self._error is None:
                 if job.ready is not None:
                     job.ready.synchronize()
                 write_file(job.path, zip(job.names, job.staging), job.metadata)
         except BaseException as e:  # kept and raised in the training thread
-            self._error = e
+            self._error = self._error or e
         finally:
+            job.released.set()
             self._free.put(job.staging)
 
     def _loop(self) -> None:
