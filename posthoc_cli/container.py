@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from types import TracebackType
 
 import torch
@@ -46,6 +47,8 @@ CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER_BYTES = 100_000_000
 _ALIGN = 8
+# Element counts must fit torch's int64 sizes, also for empty tensors whose other dims are absurd.
+_MAX_NUMEL = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,13 @@ def _parse_entry(name: str, raw: object, data_start: int) -> TensorEntry:
     if not name or not isinstance(raw, dict):
         raise ValueError(f"tensor entry {name!r} is not an object")
     code, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:
         raise ValueError(f"tensor {name!r} has unknown dtype {code!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or not all(_is_int(d) and d >= 0 for d in shape)
+        or math.prod(max(d, 1) for d in shape) > _MAX_NUMEL
+    ):
         raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise ValueError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
@@ -121,8 +128,13 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: a FIFO planted under a snapshot's name must not hang the scan (no effect on files).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            stat = os.fstat(f.fileno())
+            if not S_ISREG(stat.st_mode):
+                raise SnapshotFileError(path, "is not a regular file", "remove it from the folder")
+            file_size = stat.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise SnapshotFileError(path, "too short to be a safetensors file", "delete or replace it")
@@ -140,7 +152,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
         if not isinstance(header, dict):
             raise ValueError("header JSON is not an object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
@@ -174,7 +187,7 @@ def read_into(fd: int, entry: TensorEntry, out: memoryview, start: int = 0, *, p
 def read_tensor(fd: int, entry: TensorEntry, *, path: Path) -> torch.Tensor:
     """One whole tensor, read into fresh memory."""
     data = torch.empty(entry.nbytes, dtype=torch.uint8)
-    read_into(fd, entry, memoryview(data.numpy()), path=path)
+    read_into(fd, entry, data.numpy().data, path=path)
     return data.view(entry.dtype).reshape(entry.shape)
 
 
@@ -192,7 +205,7 @@ def load_tensors(header: Header) -> dict[str, torch.Tensor]:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
-    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -209,8 +222,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _os_error(path: Path, e: OSError) -> OutputError:
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError(f"{path}: disk full while writing", "free some space and run again; nothing was written")
+    if e.errno == errno.EFBIG:
+        return OutputError(
+            f"{path}: file too large for this file system or the file size limit (ulimit -f)",
+            "write to another file system or raise the limit; nothing was written",
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"{path}: not writable ({e.strerror})", "choose another location or fix its permissions")
     return OutputError(f"{path}: cannot write ({e.strerror})", "check the path and run again")
@@ -250,7 +268,13 @@ class AtomicWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % _ALIGN)
         try:
-            self._file = open(self.tmp, "wb")
+            # A stale temp file is removed, then ours is created exclusively ("x"): a symlink
+            # planted under the temp name is never followed, so we write only our own file.
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self._file = open(self.tmp, "xb")
             self._file.write(len(text).to_bytes(8, "little") + text)
         except OSError as e:
             self.abort()
@@ -309,7 +333,10 @@ class AtomicWriter:
         """Drop the temporary file; the final path is left as it was."""
         file = getattr(self, "_file", None)
         if file is not None and not file.closed:
-            file.close()
+            try:
+                file.close()  # flushes what is buffered: fails again on a full disk
+            except OSError:
+                pass
         try:
             os.unlink(self.tmp)
         except OSError:

@@ -219,12 +219,12 @@ def stream(
     buffers = [torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)]
 
     def read(s: _Slice, buffer: torch.Tensor) -> torch.Tensor:
-        itemsize = s.entry.dtype.itemsize
+        width = s.count * s.entry.dtype.itemsize  # bytes per row
         rows = range(n) if s.averaged else [fixed_row]
-        x = buffer[: len(rows) * s.count * itemsize].view(s.entry.dtype).view(len(rows), s.count)
+        raw = buffer[: len(rows) * width].view(len(rows), width)  # bytes: numpy has no bfloat16
         for r, i in enumerate(rows):
-            files.read(i, s.entry.name, memoryview(x[r].numpy()) if s.count else memoryview(b""), s.start * itemsize)
-        return x
+            files.read(i, s.entry.name, raw[r].numpy().data, s.start * s.entry.dtype.itemsize)
+        return raw.view(s.entry.dtype)
 
     total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
     done = 0

@@ -177,3 +177,16 @@ def test_nonfinite_input_is_reported_with_file_and_tensor(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     out = synthesize(tmp_path, 0.08, out=tmp_path / "out.safetensors", allow_nonfinite=True)[0]
     assert torch.isnan(safetensors.torch.load_file(out)["0.weight"][0, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_snapshots(tmp_path, dtype):
+    train([(tmp_path / "full", (0.05, 0.10))], steps=100, snapshot_every=10)
+    model_folder = tmp_path / "lp"
+    train([(model_folder, (0.05, 0.10))], steps=100, snapshot_every=10, snapshot_dtype=dtype)
+    got = load_synthesized(model_folder, 0.15)
+    ref = load_synthesized(tmp_path / "full", 0.15)
+    assert got["0.weight"].dtype == dtype
+    assert rel_err({k: v.float() for k, v in got.items()}, ref) < 1e-2
+    as_float = load_synthesized(model_folder, 0.15, dtype="float32")
+    assert as_float["0.weight"].dtype == torch.float32
