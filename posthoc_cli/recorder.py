@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .container import load_tensors
-from .errors import InvalidValueError, ResumeError
+from .errors import InvalidValueError, OutputError, ResumeError
 from .profiles import check_sigma_rel, sigma_rel_to_gamma, update_beta
 from .snapshots import FLOAT_DTYPES, Catalogue, scan, snapshot_metadata, snapshot_name
 from .writer import SnapshotWriter, Job
@@ -31,6 +32,11 @@ _STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfl
 def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
     """Identifies the memory a tensor covers, so tied weights (one tensor, two names) share one EMA."""
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def strip_wrappers(name: str) -> str:
@@ -54,6 +60,9 @@ class Recorder:
     reproduces the uninterrupted run exactly. Other sigma_rels, another model's
     tensors or another snapshot dtype are refused.
 
+    Under ``torch.distributed`` only rank 0 writes (``write=`` overrides); every
+    rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`.
+
     >>> with Recorder(model, "ckpts", sigma_rels=(0.05, 0.10), snapshot_every=1000) as rec:  # doctest: +SKIP
     ...     for step in range(rec.t, total_steps):
     ...         train_step(model)
@@ -73,6 +82,7 @@ class Recorder:
         time_unit: str = "step",
         async_write: bool = True,
         max_pending: int | None = None,
+        write: bool | None = None,
     ) -> None:
         sigma_rels = tuple(check_sigma_rel(s) for s in sigma_rels)
         if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
@@ -101,7 +111,12 @@ class Recorder:
         self._updates = [0] * len(sigma_rels)
         self._written: set[tuple[int, int]] = set()  # (ema index, t) already on disk
         self._staging: list[Job] = []  # snapshots whose EMA copies may still be in progress
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # Under torch.distributed every rank tracks the EMAs (so each can evaluate with them), rank 0 writes.
+        self.writes = write if write is not None else _rank() == 0
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create snapshot folder {self.ckpt_dir} ({e.strerror})", "pass another ckpt_dir") from e
         self._resume(scan(self.ckpt_dir))
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -215,8 +230,11 @@ class Recorder:
         k-th step gives the same profile as calling every step, without correction.
         """
         self._writer.raise_error()
-        t = self._t + 1 if step is None else step
-        if not isinstance(t, int) or t <= self._t:
+        try:
+            t = self._t + 1 if step is None else operator.index(step)  # ints, numpy and 0-dim integer tensors
+        except TypeError:
+            raise InvalidValueError(f"step {step!r} is not an integer", "pass the training time as an int") from None
+        if t <= self._t:
             raise InvalidValueError(
                 f"step {t!r} does not advance time (last update was at t={self._t})",
                 "pass the training time after this optimizer step; it must increase",
@@ -251,6 +269,8 @@ class Recorder:
         self._write(self._t)
 
     def _write(self, t: int) -> None:
+        if not self.writes:
+            return
         storage = _STORAGE_DTYPES[self.snapshot_dtype]
         for k, sigma_rel in enumerate(self.sigma_rels):
             if (k, t) in self._written or self._t_ema[k] != t:

@@ -268,3 +268,17 @@ def test_resume_refuses_what_differs(tmp_path):
     with pytest.raises(InvalidValueError, match="does not advance"):
         rec.update(step=80)  # time going backwards
     rec.close()
+
+
+def test_integer_like_steps_and_non_writing_ranks(tmp_path):
+    model = Net()
+    with Recorder(model, tmp_path / "w", snapshot_every=2) as rec:
+        rec.update(step=np.int64(2))
+        rec.update(step=torch.tensor(4))
+        with pytest.raises(InvalidValueError, match="not an integer"):
+            rec.update(step=5.5)
+    assert [s.t for s in scan(tmp_path / "w").series[0.05]] == [2, 4]
+    with Recorder(model, tmp_path / "quiet", snapshot_every=1, write=False) as rec:
+        rec.update()
+        rec.snapshot()
+    assert not list((tmp_path / "quiet").iterdir())
