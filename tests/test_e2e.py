@@ -1,0 +1,158 @@
+"""End to end: the installed ``posthoc-ema`` entry point, in a subprocess, on real snapshots of a real run.
+
+The oracle is an EMA of sigma_rel 0.15 tracked directly by a second Recorder
+over the bit-identical training trajectory; the file that ``synthesize`` writes
+from the 0.05/0.10 snapshots must match it to a relative error below 1e-3, and
+must equal what :func:`posthoc_cli.load_synthesized` computes in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from posthoc_cli import load_synthesized, scan
+from posthoc_cli.container import load_tensors
+
+
+def entry_point() -> str:
+    """The console script installed next to this interpreter (a venv's bin/), else the one on PATH."""
+    beside = Path(sys.executable).with_name("posthoc-ema")
+    found = str(beside) if beside.exists() else shutil.which("posthoc-ema")
+    assert found, "the posthoc-ema entry point is not installed: run `pip install -e .`"
+    return found
+
+
+def cli(*args: object, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run(
+        [entry_point(), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )
+    if check_rc is not None:
+        assert result.returncode == check_rc, result.stdout + result.stderr
+    return result
+
+
+def float_rel_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    names = [n for n, t in want.items() if t.is_floating_point()]
+    num = sum(float((got[n].double() - want[n].double()).pow(2).sum()) for n in names)
+    den = sum(float(want[n].double().pow(2).sum()) for n in names)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, record):
+    """Two Recorders on one trajectory: the snapshots to synthesize from, and the directly tracked oracle."""
+    root = tmp_path_factory.mktemp("e2e")
+    record(root / "ckpts", (0.05, 0.10), steps=400, snapshot_every=20)
+    record(root / "direct", (0.15, 0.08), steps=400, snapshot_every=20)
+    return root
+
+
+def test_synthesize_matches_a_directly_tracked_ema(runs, tmp_path, make_model):
+    result = cli("synthesize", runs / "ckpts", "--sigma-rel", 0.15, "--out", tmp_path / "ema.safetensors", cwd=tmp_path)
+    assert "Synthesized 1 EMA at t=400" in result.stdout
+    got = safetensors.torch.load_file(tmp_path / "ema.safetensors")
+    direct = load_tensors(scan(runs / "direct").series[0.15][-1].header)
+    assert got.keys() == direct.keys()
+    assert float_rel_err(got, direct) < 1e-3
+    assert torch.equal(got["bn.num_batches_tracked"], direct["bn.num_batches_tracked"])
+    in_memory = load_synthesized(runs / "ckpts", 0.15)
+    for name, tensor in got.items():
+        assert torch.equal(in_memory[name], tensor), name
+    model = make_model()
+    model.load_state_dict(got)  # a plain state dict for the model that was recorded
+
+
+def test_earlier_time_and_several_targets_in_one_call(runs, tmp_path):
+    result = cli(
+        "synthesize", runs / "ckpts", "-s", 0.15, "-s", 0.08, "--step", 200, "--out", tmp_path / "emas", "--json",
+        cwd=tmp_path,
+    )
+    doc = json.loads(result.stdout)
+    assert doc["t"] == 200 and [o["sigma_rel"] for o in doc["outputs"]] == [0.15, 0.08]
+    direct = {s.sigma_rel: s for s in scan(runs / "direct").snapshots if s.t == 200}
+    for out in doc["outputs"]:
+        got = safetensors.torch.load_file(out["path"])
+        assert float_rel_err(got, load_tensors(direct[out["sigma_rel"]].header)) < 1e-3
+        # one matrix product for both targets: equal to a single-target run up to float32 summation order
+        single = load_synthesized(runs / "ckpts", out["sigma_rel"], t=200)
+        for name in got:
+            torch.testing.assert_close(got[name], single[name], rtol=1e-6, atol=1e-7)
+
+
+def test_default_output_name_in_the_current_folder(runs, tmp_path):
+    cli("synthesize", runs / "ckpts", "-s", 0.12, cwd=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ema-s0.120-t400.safetensors"]
+    again = cli("synthesize", runs / "ckpts", "-s", 0.12, cwd=tmp_path, check_rc=1)
+    assert again.stderr.startswith("Error: ") and "already exists" in again.stderr
+
+
+def test_user_errors_are_one_line_without_traceback(runs, tmp_path):
+    for args, code in [
+        (("synthesize", tmp_path / "missing", "-s", 0.15), 1),
+        (("synthesize", runs / "ckpts", "-s", 0.3), 2),
+        (("synthesize", runs / "ckpts", "-s", 0.15, "--step", 10**6), 2),
+        (("beta-to-sigma", 1.5), 2),
+    ]:
+        result = cli(*args, cwd=tmp_path, check_rc=code)
+        assert result.stdout == ""
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: "), result.stderr
+        assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_and_classical_ema_helpers(runs, tmp_path):
+    doc = json.loads(cli("inspect", runs / "ckpts", "--json", cwd=tmp_path).stdout)
+    assert [s["snapshots"] for s in doc["series"]] == [20, 20]
+    assert next(g for g in doc["grid"] if g["sigma_rel"] == 0.15)["faithful"]
+    # the number alone on stdout, ready for $(posthoc-ema beta-to-sigma ...)
+    shell = f'x=$("{entry_point()}" beta-to-sigma 0.999 --steps 100000) && echo "[$x]"'
+    out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("[0.0099") and out.endswith("]\n")
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "posthoc_cli", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    for command in ("synthesize", "inspect", "beta-to-sigma", "sigma-to-beta", "demo"):
+        assert command in result.stdout
+
+
+def demo_rows(stdout: str) -> dict[tuple[str, float | None], float]:
+    """(kind, sigma_rel) -> validation loss, from the demo's table."""
+    rows: dict[tuple[str, float | None], float] = {}
+    for line in stdout.splitlines():
+        words = line.split()
+        if words[:2] == ["raw", "weights"]:
+            rows[("raw", None)] = float(words[4])
+        elif words[:2] == ["recorded", "EMA"]:
+            rows[("recorded", float(words[2]))] = float(words[4])
+        elif words[:1] == ["synthesized"]:
+            rows[("synthesized", float(words[1]))] = float(words[3])
+    return rows
+
+
+def test_demo_finds_a_synthesized_length_better_than_both_recorded_ones(tmp_path):
+    """The full default demo, as the README's first command runs it."""
+    result = cli("demo", "--out", tmp_path / "demo", cwd=tmp_path)
+    rows = demo_rows(result.stdout)
+    assert len(rows) == 1 + 2 + 8 and result.stdout.count("<- best") == 1
+    best = min(rows, key=rows.__getitem__)
+    assert best[0] == "synthesized" and best in [k for k in rows if "<- best" in result.stdout]
+    assert rows[best] < min(rows[("recorded", 0.05)], rows[("recorded", 0.1)]) < rows[("raw", None)]
+    # synthesizing a recorded length reproduces it exactly
+    assert rows[("synthesized", 0.05)] == rows[("recorded", 0.05)]
+    assert rows[("synthesized", 0.1)] == rows[("recorded", 0.1)]
+    # the snapshots stay for the user to explore
+    assert sorted(scan(tmp_path / "demo").series) == [0.05, 0.1]
+    assert f"posthoc-ema inspect {tmp_path / 'demo'}" in result.stdout
