@@ -160,6 +160,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             raise ValueError("__metadata__ is not a map of strings to strings")
         data_start = 8 + n
         entries = {name: _parse_entry(name, raw_entry, data_start) for name, raw_entry in header.items()}
+        for text in (*entries, *metadata, *metadata.values()):
+            text.encode("utf-8")  # a lone surrogate ("\ud800") is no text: the reference reader refuses it too
         # The data section must be tiled exactly: sorted by offset, each tensor starts where the last ended.
         cursor = data_start
         for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
@@ -221,7 +223,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _os_error(path: Path, e: OSError) -> OutputError:
+def output_error(path: Path, e: OSError) -> OutputError:
+    """The user-facing error for a failed write (disk full, permissions, ...)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError(f"{path}: disk full while writing", "free some space and run again; nothing was written")
     if e.errno == errno.EFBIG:
@@ -278,7 +281,7 @@ class AtomicWriter:
             self._file.write(len(text).to_bytes(8, "little") + text)
         except OSError as e:
             self.abort()
-            raise _os_error(self.path, e) from e
+            raise output_error(self.path, e) from e
 
     def write(self, data: torch.Tensor | memoryview | bytes) -> None:
         """Append the next bytes of tensor data, in layout order (whole tensors or slices of them)."""
@@ -289,7 +292,7 @@ class AtomicWriter:
             self._file.write(raw)
         except OSError as e:
             self.abort()
-            raise _os_error(self.path, e) from e
+            raise output_error(self.path, e) from e
         self._written += raw.nbytes
 
     def commit(self) -> Path:
@@ -309,7 +312,7 @@ class AtomicWriter:
             raise OutputError(f"{self.path} already exists", "use --force to overwrite it, or choose another name") from e
         except OSError as e:
             self.abort()
-            raise _os_error(self.path, e) from e
+            raise output_error(self.path, e) from e
         _fsync_dir(self.path.parent)
         return self.path
 

@@ -10,10 +10,11 @@ plus the products: it grows with neither the model nor the number of snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .container import CODES, DTYPES, AtomicWriter, TensorEntry, read_into
+from .container import CODES, DTYPES, AtomicWriter, TensorEntry, output_error, read_into
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
@@ -325,6 +326,19 @@ def _check_outputs(p: Plan, paths: list[Path], force: bool) -> None:
             raise OutputError(f"{path} already exists", "use --force to overwrite it, or choose another --out")
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; return those created, deepest first, for clean-up."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise output_error(f, e) from e
+    return missing
+
+
 def synthesize_iter(
     p: Plan,
     paths: list[Path],
@@ -333,11 +347,11 @@ def synthesize_iter(
     accumulate: str = "float32",
     force: bool = False,
     allow_nonfinite: bool = False,
-) -> Iterator[Progress]:
+) -> Generator[Progress, None, None]:
     """Stream every target of ``p`` into its file in one pass over the inputs, yielding progress.
 
     Files appear only when complete; on any error (or if the iteration is
-    abandoned) no output file is left behind.
+    abandoned) no output file, and no folder made for one, is left behind.
     """
     _check_outputs(p, paths, force)
     out_name = dtype or p.input_dtype
@@ -345,16 +359,23 @@ def synthesize_iter(
         (e.name, FLOAT_DTYPES[out_name] if e.dtype.is_floating_point else e.code, e.shape) for e in p.entries
     ]
     writers: list[AtomicWriter] = []
+    created: list[Path] = []
+    done = False
     try:
         for j, path in enumerate(paths):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            created += _make_folders(path.parent)
             writers.append(AtomicWriter(path, layout, _metadata(p, j, out_name, accumulate), overwrite=force))
         yield from stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite)
         for writer in writers:
             writer.commit()
+        done = True
     finally:
         for writer in writers:
             writer.abort()  # no-op for committed files; removes the temp file otherwise
+        if not done:
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _check_dtype(dtype: str | None, accumulate: str) -> None:

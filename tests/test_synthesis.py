@@ -190,3 +190,24 @@ def test_low_precision_snapshots(tmp_path, dtype):
     assert rel_err({k: v.float() for k, v in got.items()}, ref) < 1e-2
     as_float = load_synthesized(model_folder, 0.15, dtype="float32")
     assert as_float["0.weight"].dtype == torch.float32
+
+
+def test_output_under_a_file_or_failing_run_leaves_no_folders(recorded, tmp_path):
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(OutputError, match="blocker"):
+        synthesize(recorded / "ckpts", 0.15, out=tmp_path / "blocker" / "ema.safetensors")
+    with pytest.raises(InvalidValueError):  # refused while planning, before any folder is made
+        synthesize(recorded / "ckpts", 0.15, t=10**6, out=tmp_path / "new" / "sub" / "ema.safetensors")
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_synthesis_removes_the_folders_it_made(tmp_path):
+    train([(tmp_path / "ck", (0.05, 0.10))], steps=40)
+    snap = scan(tmp_path / "ck").series[0.10][-1]
+    tensors = load_tensors(snap.header)
+    tensors["0.bias"][0] = float("inf")
+    snap.path.unlink()
+    write_file(snap.path, tensors.items(), snap.header.metadata)
+    with pytest.raises(NonFiniteError):
+        synthesize(tmp_path / "ck", 0.08, out=tmp_path / "new" / "sub" / "ema.safetensors")
+    assert not (tmp_path / "new").exists()
