@@ -57,4 +57,5 @@ __all__ = [
     "sigma_rel_to_beta",
     "sigma_rel_to_gamma",
     "solve_weights",
+    "synthesize",
 ]

@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from statistics import median
 from typing import Annotated, Any
 
 import numpy as np
@@ -41,24 +40,21 @@ from rich.table import Table
 
 from . import __version__, demo as demo_lib
 from .errors import CatalogueError, InvalidValueError, PosthocError
-from .merge import ACCUMULATE, NOISE_BOUND, Plan, output_paths, plan, synthesize_iter
+from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
 from .profiles import (
     SIGMA_REL_MAX,
     beta_half_life,
     beta_std_steps,
     beta_to_sigma_rel,
     check_sigma_rel,
-    fit,
     sigma_rel_to_beta,
     sigma_rel_to_gamma,
 )
-from .snapshots import FLOAT_DTYPES, Catalogue, Snapshot, layout_problems, scan
+from .report import FAITHFUL, POOR, inspect_report
+from .snapshots import FLOAT_DTYPES, scan
 
-FAITHFUL = 1e-2  # profile error below which a synthesized EMA is, for practical purposes, the real one
-POOR = 5e-2  # above this, synthesize warns that the target is only a rough approximation
 # A classical EMA that still holds this much of the initial weights is no power-function EMA at all.
 MOSTLY_INITIAL = 0.5
-_FP_UNIT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}  # unit roundoff
 
 app = typer.Typer(
     name="posthoc-ema",
@@ -293,7 +289,7 @@ def inspect(
     """
     with _user_errors():
         catalogue = scan(folder)
-        report = _inspect_report(catalogue)
+        report = inspect_report(catalogue)
         if as_json:
             _json(report)
         else:
@@ -303,97 +299,6 @@ def inspect(
                 f"no posthoc-ema snapshots in {catalogue.folder}",
                 "record some with posthoc_cli.Recorder, or pass the folder it wrote",
             )
-
-
-def _spacing(ts: list[int]) -> str:
-    gaps = sorted({b - a for a, b in zip(ts, ts[1:])})
-    if not gaps:
-        return "-"
-    return str(gaps[0]) if len(gaps) == 1 else f"{gaps[0]}..{gaps[-1]}"
-
-
-def _schedule_problems(catalogue: Catalogue) -> list[str]:
-    """Holes in a series' time schedule, and times that one series has and another lacks."""
-    problems = []
-    every = sorted({s.t for s in catalogue.snapshots})
-    for sigma_rel, snaps in catalogue.series.items():
-        ts = [s.t for s in snaps]
-        diffs = [b - a for a, b in zip(ts, ts[1:])]
-        if len(diffs) >= 2:
-            usual = median(diffs)
-            for a, b in zip(ts, ts[1:]):
-                if b - a > 1.5 * usual:
-                    problems.append(f"sigma_rel {sigma_rel}: no snapshot between t={a} and t={b} (usual spacing {usual:g})")
-        missing = sorted(set(every) - set(ts))
-        if missing:
-            shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            problems.append(f"sigma_rel {sigma_rel}: no snapshot at t={shown}, which other sigma_rels have")
-    return problems
-
-
-def _grid(catalogue: Catalogue) -> list[dict[str, Any]]:
-    """Profile error and Σ|w| of target lengths 0.01..0.28 (plus the recorded ones) at the latest time."""
-    snaps = catalogue.snapshots
-    recorded = sorted(catalogue.series)
-    if len(recorded) == 1:
-        targets = recorded  # one recorded length cannot make others (synthesize refuses)
-    else:
-        targets = sorted({round(0.01 * k, 2) for k in range(1, 29)} | set(recorded))
-    t = catalogue.latest_t
-    result = fit([s.t for s in snaps], [s.sigma_rel for s in snaps], [t] * len(targets), targets)
-    unit = max(_FP_UNIT[s.dtype] for s in snaps)
-    rows = []
-    for sigma_rel, error, amp in zip(targets, result.profile_error, result.sum_abs_weights):
-        noise = float(amp) * unit
-        rows.append(
-            {
-                "sigma_rel": sigma_rel,
-                "gamma": sigma_rel_to_gamma(sigma_rel),
-                "profile_error": float(error),
-                "sum_abs_weights": float(amp),
-                "recorded": sigma_rel in catalogue.series,
-                "faithful": bool(error < FAITHFUL) and noise <= max(NOISE_BOUND, 2 * unit),
-                "rounding_noise": noise,
-            }
-        )
-    return rows
-
-
-def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:
-    latest = snaps[-1]
-    ts = [s.t for s in snaps]
-    return {
-        "sigma_rel": sigma_rel,
-        "gamma": latest.gamma,
-        "snapshots": len(snaps),
-        "t_first": ts[0],
-        "t_last": ts[-1],
-        "spacing": _spacing(ts),
-        "dtype": latest.dtype,
-        "tensors": len(latest.tensors),
-        "parameters": sum(e.numel for e in latest.tensors.values() if e.dtype.is_floating_point),
-        "bytes": sum(s.header.file_size for s in snaps),
-    }
-
-
-def _inspect_report(catalogue: Catalogue) -> dict[str, Any]:
-    snaps = catalogue.snapshots
-    problems = [f"{s.path}: {s.reason}" for s in catalogue.broken]
-    problems += layout_problems(snaps) + _schedule_problems(catalogue)
-    if len(catalogue.series) == 1:
-        only = next(iter(catalogue.series))
-        problems.append(f"only sigma_rel {only} was recorded: other lengths cannot be synthesized from one")
-    return {
-        "folder": str(catalogue.folder),
-        "latest_t": catalogue.latest_t if snaps else None,
-        "time_unit": snaps[-1].time_unit if snaps else None,
-        "series": [_series_summary(s, group) for s, group in sorted(catalogue.series.items())],
-        "broken": [{"path": str(s.path), "reason": s.reason} for s in catalogue.broken],
-        "ignored": [{"path": str(s.path), "reason": s.reason} for s in catalogue.ignored],
-        "problems": problems,
-        "grid": _grid(catalogue) if snaps else [],
-        "faithful_below": FAITHFUL,
-    }
 
 
 def _print_inspect(report: dict[str, Any]) -> None:

@@ -34,6 +34,11 @@ ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 NOISE_BOUND = 1e-3
 
 
+def unit_roundoff(dtype: str) -> float:
+    """Relative rounding error of storing a value in ``dtype`` ("float16": 2⁻¹¹)."""
+    return torch.finfo(DTYPES[FLOAT_DTYPES[dtype]]).eps / 2
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a synthesis will do: which snapshots, with which weights, for which targets."""
@@ -57,7 +62,7 @@ class Plan:
 
     def warnings(self) -> list[str]:
         """Targets whose weights amplify the snapshots' storage rounding beyond :data:`NOISE_BOUND`."""
-        unit = torch.finfo(DTYPES[FLOAT_DTYPES[self.input_dtype]]).eps / 2
+        unit = unit_roundoff(self.input_dtype)
         notes = []
         for sigma_rel, amp in zip(self.sigma_rels, self.fit.sum_abs_weights):
             noise = float(amp) * unit
