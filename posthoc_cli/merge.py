@@ -15,7 +15,7 @@ import math
 import os
 import resource
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +29,9 @@ from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
 BUFFER_BYTES = 8 << 20  # one read buffer; two are in use at a time
+# Reading from the page cache is a CPU-bound copy: two reader threads keep ahead of one compute thread.
+READERS = 2
+_SPLIT_BYTES = 1 << 20  # slices smaller than this are read by one thread (task overhead would dominate)
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # Relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
 NOISE_BOUND = 1e-3
@@ -223,30 +226,37 @@ def stream(
     fixed_row = latest if latest is not None else n
     size = max(BUFFER_BYTES, n * 8)
     buffers = [torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)]
+    views = [b.numpy().data for b in buffers]  # bytes: numpy has no bfloat16
 
-    def read(s: _Slice, buffer: torch.Tensor) -> torch.Tensor:
-        width = s.count * s.entry.dtype.itemsize  # bytes per row
-        rows = range(n) if s.averaged else [fixed_row]
-        raw = buffer[: len(rows) * width].view(len(rows), width)  # bytes: numpy has no bfloat16
-        for r, i in enumerate(rows):
-            files.read(i, s.entry.name, raw[r].numpy().data, s.start * s.entry.dtype.itemsize)
-        return raw.view(s.entry.dtype)
+    def read_rows(s: _Slice, view: memoryview, rows: list[tuple[int, int]]) -> None:
+        width, start = s.count * s.entry.dtype.itemsize, s.start * s.entry.dtype.itemsize
+        for r, i in rows:  # row r of the buffer ← input i
+            files.read(i, s.entry.name, view[r * width : (r + 1) * width], start)
+
+    def submit(s: _Slice, k: int) -> list[Future[None]]:
+        rows = list(enumerate(range(n))) if s.averaged else [(0, fixed_row)]
+        split = len(rows) > 1 and len(rows) * s.count * s.entry.dtype.itemsize >= _SPLIT_BYTES
+        parts = [rows[h::READERS] for h in range(READERS)] if split else [rows]
+        return [pool.submit(read_rows, s, views[k % 2], part) for part in parts]
 
     total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
     done = 0
     slices = list(_slices(p.entries, n))
-    # The products are memory-bound: one compute thread beside the reader keeps up with the disk,
-    # while a thread team contending with the reader for cores stalls in its barriers (measured ~50x).
+    # The products are memory-bound: one compute thread beside the readers keeps up with them,
+    # while a thread team contending with the readers for cores stalls in its barriers (measured ~50x).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-read") as pool:
-            pending = pool.submit(read, slices[0], buffers[0]) if slices else None
+        with ThreadPoolExecutor(READERS, thread_name_prefix="posthoc-ema-read") as pool:
+            pending = submit(slices[0], 0) if slices else []
             for k, s in enumerate(slices):
-                assert pending is not None
-                x = pending.result()
+                for part in pending:
+                    part.result()
                 if k + 1 < len(slices):
-                    pending = pool.submit(read, slices[k + 1], buffers[(k + 1) % 2])
+                    pending = submit(slices[k + 1], k + 1)
+                rows = n if s.averaged else 1
+                width = s.count * s.entry.dtype.itemsize
+                x = buffers[k % 2][: rows * width].view(rows, width).view(s.entry.dtype)  # => [rows, count]
                 if s.averaged:
                     y = torch.mm(w_t, x if x.dtype == acc else x.to(acc))  # => [targets, count]
                     y = y if y.dtype == out_dtype else y.to(out_dtype)
