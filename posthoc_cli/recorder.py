@@ -53,6 +53,8 @@ class Recorder:
     each EMA is written to ``ckpt_dir`` as ``ema-s<sigma_rel>-t<t>.safetensors``.
     Snapshot writes happen on a background thread (``async_write=False`` writes in
     the calling thread); :meth:`close` or leaving the ``with`` block waits for them.
+    At most ``max_pending`` snapshot times are in flight (host memory: that many
+    copies of the EMAs); a further snapshot waits for the oldest to be written.
 
     A Recorder opened on a folder that already holds its snapshots resumes: each
     EMA continues from its latest snapshot and :attr:`t` from the earliest of those
@@ -81,7 +83,7 @@ class Recorder:
         ema_device: torch.device | str | None = None,
         time_unit: str = "step",
         async_write: bool = True,
-        max_pending: int | None = None,
+        max_pending: int = 1,
         write: bool | None = None,
     ) -> None:
         sigma_rels = tuple(check_sigma_rel(s) for s in sigma_rels)
@@ -102,9 +104,10 @@ class Recorder:
         self.update_every = update_every
         self.snapshot_dtype = snapshot_dtype
         self.time_unit = time_unit
-        self._writer = SnapshotWriter(
-            background=async_write, max_pending=max_pending if max_pending is not None else len(sigma_rels)
-        )
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise InvalidValueError(f"max_pending={max_pending!r} is not a positive integer", "pass e.g. max_pending=1")
+        # One staging set per file in flight: max_pending snapshot times of every EMA.
+        self._writer = SnapshotWriter(background=async_write, max_pending=max_pending * len(sigma_rels))
         self._collect_tensors(ema_device)
         self._t = 0  # time of the latest update() call
         self._t_ema = [0] * len(sigma_rels)  # time of each EMA's latest update
@@ -272,6 +275,8 @@ class Recorder:
         if not self.writes:
             return
         storage = _STORAGE_DTYPES[self.snapshot_dtype]
+        stable = [averaged for averaged, _ in self._slots]  # EMAs wait for their copy; model buffers are cloned
+        jobs = []
         for k, sigma_rel in enumerate(self.sigma_rels):
             if (k, t) in self._written or self._t_ema[k] != t:
                 continue
@@ -284,9 +289,10 @@ class Recorder:
                 updates=self._updates[k], dtype=storage,
             )
             path = self.ckpt_dir / snapshot_name(sigma_rel, t)
-            stable = [averaged for averaged, _ in self._slots]
-            self._staging.append(self._writer.submit(path, self.names, tensors, dtypes, metadata, stable=stable))
+            jobs.append(self._writer.stage(path, self.names, tensors, dtypes, metadata, stable=stable))
             self._written.add((k, t))
+        self._staging += jobs
+        self._writer.submit(jobs)
 
     def flush(self) -> None:
         """Wait until every snapshot written so far is on disk."""

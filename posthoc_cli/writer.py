@@ -50,7 +50,10 @@ class Job:
 
 
 class SnapshotWriter:
-    """Writes snapshot files in order, in the background or (``background=False``) at once."""
+    """Writes snapshot files in order, in the background or (``background=False``) at once.
+
+    ``max_pending`` is the number of staging sets (one per file in flight).
+    """
 
     def __init__(self, *, background: bool = True, max_pending: int = 2) -> None:
         if max_pending < 1:
@@ -59,12 +62,12 @@ class SnapshotWriter:
         self._max_pending = max_pending
         self._free: queue.Queue[list[torch.Tensor]] = queue.Queue()
         self._allocated = 0
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: queue.Queue[list[Job] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._side_stream: torch.cuda.Stream | None = None
 
-    def submit(
+    def stage(
         self,
         path: Path,
         names: list[str],
@@ -74,12 +77,11 @@ class SnapshotWriter:
         *,
         stable: list[bool],
     ) -> Job:
-        """Queue ``tensors`` (as ``dtypes``) to be written as ``path``.
+        """Prepare ``tensors`` (as ``dtypes``) to be written as ``path``; :meth:`submit` queues it.
 
-        ``stable[i]`` says tensor i does not change until the returned event is
-        set (an EMA: the caller calls ``wait_released()`` on the returned job
-        before its next update), so its copy can happen on the writer thread.
-        Other host tensors are copied now.
+        ``stable[i]`` says tensor i does not change until the caller has called
+        ``wait_released()`` on the job (an EMA, before its next update), so its
+        copy can happen on the writer thread. Other host tensors are copied now.
         """
         self.raise_error()
         staging = self._acquire(tensors, dtypes)
@@ -92,16 +94,18 @@ class SnapshotWriter:
                     deferred.append((i, src))
                 else:
                     dst.copy_(src)
-        job = Job(path, names, staging, metadata, deferred, ready)
+        return Job(path, names, staging, metadata, deferred, ready)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Write ``jobs`` (the files of one snapshot time): every copy first, then the files."""
         if not self._background:
-            self._run(job)
+            self._run(jobs)
             self.raise_error()
-            return job
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="posthoc-ema-writer", daemon=True)
             self._thread.start()
-        self._jobs.put(job)
-        return job
+        self._jobs.put(jobs)
 
     def _cuda_event_after_copies(self, tensors: list[torch.Tensor], staging: list[torch.Tensor]) -> torch.cuda.Event:
         """Copy every CUDA tensor to pinned memory on a side stream; the event marks the end."""
@@ -133,25 +137,31 @@ class SnapshotWriter:
             staging = [torch.empty(t.shape, dtype=d, device="cpu", pin_memory=pin) for t, d in zip(tensors, dtypes)]
         return staging
 
-    def _run(self, job: Job) -> None:
-        try:
-            if job.deferred:
-                with torch.no_grad():
-                    torch._foreach_copy_([job.staging[i] for i, _ in job.deferred], [s for _, s in job.deferred])
-            job.released.set()
-            if self._error is None:
-                if job.ready is not None:
-                    job.ready.synchronize()
-                write_file(job.path, zip(job.names, job.staging), job.metadata)
-        except BaseException as e:  # kept and raised in the training thread
-            self._error = self._error or e
-        finally:
-            job.released.set()
-            self._free.put(job.staging)
+    def _run(self, jobs: list[Job]) -> None:
+        # Release every EMA before writing any file: the training thread waits for copies, never for the disk.
+        for job in jobs:
+            try:
+                if job.deferred:
+                    with torch.no_grad():
+                        torch._foreach_copy_([job.staging[i] for i, _ in job.deferred], [s for _, s in job.deferred])
+            except BaseException as e:  # kept and raised in the training thread
+                self._error = self._error or e
+            finally:
+                job.released.set()
+        for job in jobs:
+            try:
+                if self._error is None:
+                    if job.ready is not None:
+                        job.ready.synchronize()
+                    write_file(job.path, zip(job.names, job.staging), job.metadata)
+            except BaseException as e:
+                self._error = self._error or e
+            finally:
+                self._free.put(job.staging)
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._run(job)
+        while (jobs := self._jobs.get()) is not None:
+            self._run(jobs)
             self._jobs.task_done()
         self._jobs.task_done()
 
