@@ -113,7 +113,7 @@ def _parse_record(header: Header) -> Snapshot:
     info = json.loads(header.metadata[METADATA_KEY])
     if not isinstance(info, dict):
         raise ValueError("posthoc_ema metadata is not a JSON object")
-    if info.get("format") != FORMAT_VERSION or isinstance(info.get("format"), bool):
+    if type(info.get("format")) is not int or info.get("format") != FORMAT_VERSION:
         raise ValueError(f"unsupported format {info.get('format')!r} (this version reads format {FORMAT_VERSION})")
     kind = info.get("kind")
     if kind not in KINDS:
@@ -122,7 +122,10 @@ def _parse_record(header: Header) -> Snapshot:
     if not (_finite_number(sigma_rel) and 0 < sigma_rel < SIGMA_REL_MAX):  # type: ignore[operator]
         raise ValueError(f"sigma_rel {sigma_rel!r} is not in (0, {SIGMA_REL_MAX:.4f})")
     sigma_rel = float(sigma_rel)  # type: ignore[arg-type]
-    expected = sigma_rel_to_gamma(sigma_rel)
+    try:
+        expected = sigma_rel_to_gamma(sigma_rel)
+    except ArithmeticError:  # sigma_rel so small that sigma_rel**-2 overflows
+        raise ValueError(f"sigma_rel {sigma_rel!r} is too small to have a power-function profile") from None
     if not (_finite_number(gamma) and math.isclose(gamma, expected, rel_tol=1e-9)):  # type: ignore[arg-type]
         raise ValueError(f"gamma {gamma!r} does not match sigma_rel {sigma_rel!r} (expected {expected!r})")
     if not (isinstance(t, int) and not isinstance(t, bool) and 0 < t < _MAX_T):
@@ -131,10 +134,11 @@ def _parse_record(header: Header) -> Snapshot:
     if not (isinstance(updates, int) and not isinstance(updates, bool) and 0 <= updates <= t):
         raise ValueError(f"updates {updates!r} is not an integer in [0, t]")
     time_unit = info.get("time_unit", "step")
-    if not isinstance(time_unit, str):
-        raise ValueError(f"time_unit {time_unit!r} is not a string")
+    # Printed by the CLI: control characters (terminal escapes) and lone surrogates (unencodable) are refused.
+    if not (isinstance(time_unit, str) and time_unit.isprintable()):
+        raise ValueError(f"time_unit {time_unit!r} is not a printable string")
     dtype = info.get("dtype")
-    if dtype not in FLOAT_DTYPES:
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
     float_codes = {e.code for e in header.tensors.values() if DTYPES[e.code].is_floating_point}
     if float_codes - {FLOAT_DTYPES[dtype]}:
@@ -250,7 +254,13 @@ def scan(folder: str | os.PathLike[str], *, kinds: Iterable[str] = ("snapshot",)
         twin = by_key.get(key)
         if twin is None:
             by_key[key] = snap
-        elif _data_digest(twin) == _data_digest(snap):
+            continue
+        try:
+            same = _data_digest(twin) == _data_digest(snap)
+        except OSError as e:
+            catalogue.broken.append(Skipped(path, f"cannot read ({e.strerror})"))
+            continue
+        if same:
             catalogue.ignored.append(Skipped(path, f"duplicate of {twin.path.name}"))
         else:
             catalogue.broken.append(
