@@ -137,22 +137,21 @@ class _Sink(Protocol):
 
 
 class _MemorySink:
-    """Collects an output in memory, for :func:`load_synthesized`."""
+    """Collects an output in memory, for :func:`load_synthesized`: one tensor each, filled in order."""
 
     def __init__(self, layout: list[tuple[str, str, tuple[int, ...]]]) -> None:
-        sizes = [int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize for _, code, shape in layout]
-        self._data = torch.empty(sum(sizes), dtype=torch.uint8)
-        self._cursor = 0
-        self.tensors: dict[str, torch.Tensor] = {}
-        offset = 0
-        for (name, code, shape), size in zip(layout, sizes):
-            self.tensors[name] = self._data[offset : offset + size].view(DTYPES[code]).view(shape)
-            offset += size
+        self.tensors = {name: torch.empty(shape, dtype=DTYPES[code]) for name, code, shape in layout}
+        self._pending = iter(self.tensors.values())
+        self._current, self._cursor = torch.empty(0, dtype=torch.uint8), 0
 
     def write(self, data: torch.Tensor) -> None:
-        raw = data.reshape(-1).view(torch.uint8)
-        self._data[self._cursor : self._cursor + raw.numel()] = raw
-        self._cursor += raw.numel()
+        raw = data.reshape(-1).view(torch.uint8) if data.numel() else data.new_empty(0, dtype=torch.uint8)
+        while raw.numel():
+            if self._cursor == self._current.numel():
+                self._current, self._cursor = next(self._pending).reshape(-1).view(torch.uint8), 0
+            take = min(raw.numel(), self._current.numel() - self._cursor)
+            self._current[self._cursor : self._cursor + take] = raw[:take]
+            self._cursor, raw = self._cursor + take, raw[take:]
 
 
 class _Inputs:
@@ -261,7 +260,11 @@ def stream(
             for r, i in rows(s):
                 files.read(i, s.entry.name, view[r * s.width : (r + 1) * s.width], s.offset)
             height = len(rows(s))
-            x = buffer[: height * s.width].view(height, s.width).view(s.entry.dtype)  # => [rows, count]
+            x = (
+                buffer[: height * s.width].view(height, s.width).view(s.entry.dtype)  # => [rows, count]
+                if s.count
+                else torch.empty((height, 0), dtype=s.entry.dtype)  # an empty tensor: no bytes to view
+            )
             if s.averaged:
                 y = torch.mm(w_t, x if x.dtype == acc else x.to(acc))  # => [targets, count]
                 y = y if y.dtype == out_dtype else y.to(out_dtype)

@@ -23,6 +23,8 @@ from numpy.typing import ArrayLike
 from .errors import InvalidValueError
 
 SIGMA_REL_MAX: float = 12**-0.5  # sigma_rel of gamma = 0 (a uniform average)
+# Below this, sigma_rel⁻² and gamma³ leave float range; such EMAs (gamma ~ 1e100) are no use anyway.
+_SIGMA_REL_MIN = 1e-100
 
 # Relative cut-off for the singular values of the equilibrated Gram matrix
 # (lstsq's rcond). Its entries carry ~1e-16 relative rounding; directions below
@@ -74,7 +76,10 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     >>> round(sigma_rel_to_gamma(0.10), 2)
     6.94
     """
-    c = check_sigma_rel(sigma_rel) ** -2
+    s = check_sigma_rel(sigma_rel)
+    if s < _SIGMA_REL_MIN:
+        raise InvalidValueError(f"sigma_rel {sigma_rel!r} is too small", f"use a value of at least {_SIGMA_REL_MIN:g}")
+    c = s**-2
     # Eq. 126: gamma is the largest real root of g³ + 7g² + (16 − c)g + (12 − c),
     # i.e. of f(g) = (g+2)²(g+3) − c(g+1). f(0) = 12 − c < 0 in the valid range
     # and f is convex for g > −7/3, so Newton started right of the root (at
@@ -297,6 +302,8 @@ def _age_variance(q: float, n: int) -> float:
     if q == 0.0 or n == 0:
         return 0.0
     u = 1.0 - q
+    if u == 1.0:  # q below float resolution next to 1: Var = q + O(q²)
+        return q
     if n * u > 1.0:
         # From E[A] = q(1−x)/u and E[A²] = Σ_{a≤n} (2a−1) q^a with x = q^n:
         # Var = q [(1−x)(1+qx) − 2n u x] / u². Fine while n·u > 1; below, the
@@ -407,7 +414,12 @@ def sigma_rel_to_beta(sigma_rel: float, steps: int, update_every: int = 1) -> fl
             b_lo = mid
         else:
             b_hi = mid
-    return b_hi if abs(spread(b_hi) - s) <= abs(spread(b_lo) - s) else b_lo
+    beta = b_hi if abs(spread(b_hi) - s) <= abs(spread(b_lo) - s) else b_lo
+    if beta <= 0.0:  # the decay would underflow: an EMA that short is just the latest weights
+        raise InvalidValueError(
+            f"sigma_rel {sigma_rel!r} is too small for a constant-beta EMA after {t} steps", "use a larger sigma_rel"
+        )
+    return beta
 
 
 __all__ = [

@@ -92,6 +92,8 @@ class Recorder:
         for label, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidValueError(f"{label}={value!r} is not a positive integer", f"pass e.g. {label}=1000")
+        if not (isinstance(time_unit, str) and time_unit.isprintable() and time_unit):
+            raise InvalidValueError(f"time_unit {time_unit!r} is not a printable name", 'use e.g. "step", "sample" or "token"')
         if snapshot_dtype not in _STORAGE_DTYPES:
             raise InvalidValueError(
                 f"snapshot_dtype {snapshot_dtype} is not supported", "use torch.float32, torch.float16 or torch.bfloat16"
@@ -179,13 +181,18 @@ class Recorder:
         catalogue.raise_if_broken()
         where = self.ckpt_dir
         recorded = sorted(catalogue.series)
-        if recorded != sorted(self.sigma_rels):
+        # A crash between the files of the very first snapshot leaves some sigma_rels without any:
+        # those EMAs start again from t=0 (and so does the run), costing one snapshot interval at most.
+        first_only = len({s.t for s in catalogue.snapshots}) == 1 and all(len(g) == 1 for g in catalogue.series.values())
+        if recorded != sorted(self.sigma_rels) and not (first_only and set(recorded) < set(self.sigma_rels)):
             raise ResumeError(
                 f"{where} holds snapshots of sigma_rels {recorded}, not {sorted(self.sigma_rels)}",
                 f"pass sigma_rels={tuple(recorded)} to continue them, or use a new folder",
             )
         storage = _STORAGE_DTYPES[self.snapshot_dtype]
         for k, sigma_rel in enumerate(self.sigma_rels):
+            if sigma_rel not in catalogue.series:
+                continue  # not written yet (see above): starts at t=0
             latest = catalogue.series[sigma_rel][-1]
             if latest.dtype != storage:
                 raise ResumeError(

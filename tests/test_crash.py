@@ -228,13 +228,6 @@ def test_resume_from_the_folder_alone_equals_the_uninterrupted_run(tmp_path, sto
     assert same_snapshots(tmp_path / "full", tmp_path / "split") == 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ResumeError,
-    reason="Recorder bug: a crash between the first two files ever written leaves one sigma_rel, and _resume "
-    "refuses the folder ('holds snapshots of sigma_rels [0.05], not [0.05, 0.1]') instead of restarting the "
-    "missing EMA from t=0",
-)
 def test_crash_between_the_two_files_of_the_first_snapshot_can_resume(tmp_path):
     kw = {"snapshot_every": 5, "update_every": 1}
     record(str(tmp_path / "full"), 20, **kw)

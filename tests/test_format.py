@@ -154,11 +154,6 @@ def test_snapshot_dtypes_and_non_float_buffers_stored_unchanged(tmp_path, snapsh
             assert out[name].dtype == value.dtype and torch.equal(out[name], value), name
 
 
-@pytest.mark.xfail(
-    reason="bug in merge._MemorySink: tensors are packed without alignment, so a 3-byte bool buffer "
-    "followed by a float tensor cannot be viewed (RuntimeError: storage_offset() must be divisible by 4)",
-    raises=RuntimeError,
-)
 def test_load_synthesized_with_odd_sized_buffers(tmp_path):
     model = nn.Module()
     model.register_buffer("mask", torch.ones(3, dtype=torch.bool))
@@ -256,12 +251,6 @@ def test_file_systems_without_hard_links_still_write_atomically_and_never_clobbe
     assert torch.equal(safetensors.torch.load_file(path)["w"], torch.zeros(2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug in merge.stream: an empty float tensor (a placeholder buffer torch.empty(0)) gives a [rows, 0] "
-    "byte view that cannot be viewed as float32 (RuntimeError: self.stride(0) must be divisible by 4)",
-)
 def test_models_with_empty_and_0_dim_tensors_synthesize(tmp_path):
     model = nn.Linear(2, 2)
     model.register_buffer("placeholder", torch.empty(0))

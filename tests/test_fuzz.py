@@ -309,21 +309,14 @@ def test_solver_rejects_invalid_values_with_invalid_value_error(t_values, s_valu
     assert np.all(np.isfinite(result.weights)) and abs(result.weights.sum() - 1) < 1e-6 * result.sum_abs_weights.sum()
 
 
-# -- found by fuzzing, in files this suite does not own (see the reliability report) ---------------
+# -- regressions found by fuzzing ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="profiles.sigma_rel_to_gamma: sigma_rel**-2 overflows below ~1.5e-154 (OverflowError, "
-                          "a traceback from `posthoc-ema synthesize -s 1e-200`) instead of InvalidValueError")
 def test_tiny_target_sigma_rel_is_a_clear_error():
     with pytest.raises(InvalidValueError):
         fit([10, 20], [0.05, 0.10], 20, 1e-200)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="profiles._age_variance: math.log1p(-u) with u == 1.0 (beta below ~1e-16) raises "
-                          "'math domain error'; `posthoc-ema beta-to-sigma 1e-17 --steps 1000` and "
-                          "`posthoc-ema sigma-to-beta 1e-12 --steps 1000` print a traceback")
 @settings(max_examples=200, deadline=None, derandomize=True, phases=(Phase.generate,))  # no shrinking while it fails
 @given(st.one_of(st.floats(0, 1), st.floats(1e-30, 1e-3), st.floats(0.999, 1)), st.integers(1, 10**9), st.integers(1, 100),
        st.one_of(st.floats(0, SIGMA_REL_MAX), st.floats(1e-300, 1e-3)))

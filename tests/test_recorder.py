@@ -213,6 +213,8 @@ def test_bad_arguments_are_refused(tmp_path):
         Recorder(model, tmp_path, snapshot_every=0)
     with pytest.raises(InvalidValueError):
         Recorder(model, tmp_path, snapshot_dtype=torch.int8)
+    with pytest.raises(InvalidValueError, match="time_unit"):
+        Recorder(model, tmp_path, time_unit="step\n")
     rec = Recorder(model, tmp_path)
     with pytest.raises(InvalidValueError, match="nothing to snapshot"):
         rec.snapshot()
