@@ -180,7 +180,10 @@ def read_into(fd: int, entry: TensorEntry, out: memoryview, start: int = 0, *, p
     """Fill ``out`` with bytes ``start..start+len(out)`` of a tensor, with positioned reads."""
     offset, view = entry.begin + start, out.cast("B")
     while view:
-        got = os.preadv(fd, [view], offset)
+        try:
+            got = os.preadv(fd, [view], offset)
+        except OSError as e:
+            raise SnapshotFileError(path, f"cannot read tensor {entry.name!r} ({e.strerror})", "check the disk and the file") from e
         if got == 0:
             raise SnapshotFileError(path, f"ended while reading tensor {entry.name!r}", "the file was truncated; replace it")
         view, offset = view[got:], offset + got
