@@ -133,7 +133,7 @@ class Recorder:
         if len(set(self.names)) != len(self.names):
             raise InvalidValueError("tensor names collide after removing wrapper prefixes", "record the unwrapped model")
         self._sources: list[torch.Tensor] = []  # unique floating-point tensors of the model
-        index: dict[object, int] = {}  # id(tensor) → position in _sources; tied weights share one EMA
+        index: dict[object, int] = {}  # storage key → position in _sources; tied weights share one EMA
         self._slots: list[tuple[bool, int]] = []  # per name: (averaged?, index into _sources or _fixed)
         self._fixed: list[torch.Tensor] = []  # integer/bool buffers, stored as they are
         for original in state.values():
@@ -163,14 +163,15 @@ class Recorder:
             self._inputs.append(scratch)
             self._convert_src.append(src)
             self._convert_dst.append(scratch)
+        self._wait_for_host_copy = any(d.is_pinned() for d in self._convert_dst)
         with torch.no_grad():
-            self._emas = [[x.to(torch.float32, copy=True) for x in self._snapshot_inputs()] for _ in self.sigma_rels]
+            self._emas = [[x.to(torch.float32, copy=True) for x in self._current_inputs()] for _ in self.sigma_rels]
 
-    def _snapshot_inputs(self) -> list[torch.Tensor]:
+    def _current_inputs(self) -> list[torch.Tensor]:
         """The current float32 values of the sources, on the EMA device."""
         if self._convert_src:
             torch._foreach_copy_(self._convert_dst, self._convert_src, non_blocking=True)
-            if any(d.is_pinned() for d in self._convert_dst):
+            if self._wait_for_host_copy:
                 torch.cuda.current_stream().synchronize()  # the host lerp must see the copied values
         return self._inputs
 
@@ -263,7 +264,7 @@ class Recorder:
             if t - self._t_ema[k] < every:
                 continue  # not due, or resumed ahead of the others with this step already inside it
             if inputs is None:
-                inputs = self._snapshot_inputs()
+                inputs = self._current_inputs()
                 while self._staging:  # a snapshot may still be copying these EMAs
                     self._staging.pop().wait_released()
             torch._foreach_lerp_(ema, inputs, 1.0 - update_beta(t, self._t_ema[k], self.gammas[k]))
