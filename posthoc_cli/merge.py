@@ -25,7 +25,7 @@ import torch
 from .container import CODES, DTYPES, AtomicWriter, TensorEntry, output_error, read_into
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
-from .snapshots import FLOAT_DTYPES, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
 BUFFER_BYTES = 8 << 20  # one read buffer; two are in use at a time
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
@@ -333,6 +333,8 @@ def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
     if len(p.sigma_rels) == 1 and out is not None and not Path(out).is_dir():
         return [Path(out)]
     folder = Path(out) if out is not None else Path.cwd()
+    if folder.suffix == SUFFIX and not folder.is_dir():
+        raise OutputError(f"{folder} looks like a file name, but several targets need a folder", "pass a folder to --out")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
     return [folder / name for name in names]

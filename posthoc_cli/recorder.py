@@ -11,6 +11,7 @@ import contextlib
 import math
 import operator
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -59,7 +60,8 @@ class Recorder:
     A Recorder opened on a folder that already holds its snapshots resumes: each
     EMA continues from its latest snapshot and :attr:`t` from the earliest of those
     times, so a training loop restarted from its own checkpoint at :attr:`t`
-    reproduces the uninterrupted run exactly. Other sigma_rels, another model's
+    reproduces the uninterrupted run exactly (float32 snapshots; float16 and
+    bfloat16 ones continue from the stored, rounded EMA). Other sigma_rels, another model's
     tensors or another snapshot dtype are refused.
 
     Under ``torch.distributed`` only rank 0 writes (``write=`` overrides); every
@@ -114,7 +116,8 @@ class Recorder:
         self._t = 0  # time of the latest update() call
         self._t_ema = [0] * len(sigma_rels)  # time of each EMA's latest update
         self._updates = [0] * len(sigma_rels)
-        self._written: set[tuple[int, int]] = set()  # (ema index, t) already on disk
+        # (ema index, t) → the job writing it (None: on disk before we started); a failed job is retried.
+        self._written: dict[tuple[int, int], Job | None] = {}
         self._staging: list[Job] = []  # snapshots whose EMA copies may still be in progress
         # Under torch.distributed every rank tracks the EMAs (so each can evaluate with them), rank 0 writes.
         self.writes = write if write is not None else _rank() == 0
@@ -123,6 +126,8 @@ class Recorder:
         except OSError as e:
             raise OutputError(f"cannot create snapshot folder {self.ckpt_dir} ({e.strerror})", "pass another ckpt_dir") from e
         self._resume(scan(self.ckpt_dir))
+        # A script that never calls close() still gets its queued snapshots written at exit.
+        weakref.finalize(self, SnapshotWriter.close, self._writer)
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -147,6 +152,8 @@ class Recorder:
             else:
                 self._slots.append((False, len(self._fixed)))
                 self._fixed.append(tensor)
+        if not self._sources:
+            raise InvalidValueError("the model has no floating-point parameters or buffers to average", "pass the model you train")
         device = torch.device(ema_device) if ema_device is not None else None
         # The float32 view of each source that the lerp reads: the source itself when it already is
         # float32 on the EMA's device, otherwise a scratch buffer refreshed once per update for all EMAs.
@@ -220,7 +227,7 @@ class Recorder:
                         self._emas[k][i].copy_(tensors[name])
             self._t_ema[k] = latest.t
             self._updates[k] = latest.updates
-            self._written.update((k, s.t) for s in catalogue.series[sigma_rel])
+            self._written.update(((k, s.t), None) for s in catalogue.series[sigma_rel])
         self._t = min(self._t_ema)
 
     def _tensors_by_name(self) -> list[torch.Tensor]:
@@ -286,7 +293,8 @@ class Recorder:
         stable = [averaged for averaged, _ in self._slots]  # EMAs wait for their copy; model buffers are cloned
         jobs = []
         for k, sigma_rel in enumerate(self.sigma_rels):
-            if (k, t) in self._written or self._t_ema[k] != t:
+            done = (k, t) in self._written and not getattr(self._written[(k, t)], "failed", False)
+            if done or self._t_ema[k] != t:
                 continue
             tensors, dtypes = [], []
             for averaged, i in self._slots:
@@ -298,7 +306,7 @@ class Recorder:
             )
             path = self.ckpt_dir / snapshot_name(sigma_rel, t)
             jobs.append(self._writer.stage(path, self.names, tensors, dtypes, metadata, stable=stable))
-            self._written.add((k, t))
+            self._written[(k, t)] = jobs[-1]
         self._staging += jobs
         self._writer.submit(jobs)
 

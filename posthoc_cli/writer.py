@@ -1,19 +1,19 @@
-"""Snapshot writes off the training thread: staging buffers, a writer thread, back-pressure.
+"""Snapshot writes off the training thread: staging buffers, copy and write threads, back-pressure.
 
 A snapshot must capture the EMAs at time t while training goes on. What the
 training thread does at ``snapshot()`` is only to queue the work:
 
 - host tensors that change under training (the model's integer buffers) are
-  cloned at once — they are small;
+  copied at once — they are small (on an accelerator: cloned there first);
 - accelerator tensors are copied into pinned host memory with non-blocking
   copies on a side stream, and an event marks when they are done;
-- host EMA tensors, the bulk, are copied into staging memory by the writer
-  thread itself. The EMAs only change in the next update, so the Recorder
-  waits on :attr:`Staged.released` there — by then the copy, which ran while
+- host EMA tensors, the bulk, are copied into staging memory by a copy
+  thread. The EMAs only change in the next update, so the Recorder waits on
+  :meth:`Job.wait_released` there — by then the copy, which ran while
   the training step computed, is normally long finished. On an accelerator
   the next update waits for the copy on the device, never on the host.
 
-The writer thread then writes the file atomically and returns the staging set.
+A second thread then writes the files atomically and returns the staging sets.
 There are at most ``max_pending`` staging sets, so host memory is bounded: when
 all are in flight, the next snapshot waits for a write to finish. The first
 write error is kept and raised in the training thread at its next call.
@@ -41,6 +41,7 @@ class Job:
     deferred: list[tuple[int, torch.Tensor]]  # (slot, source) copied by the writer thread
     ready: torch.cuda.Event | None  # accelerator copies done
     released: threading.Event = field(default_factory=threading.Event)  # host sources may change again
+    failed: bool = False  # set by the writer when this file could not be written
 
     def wait_released(self) -> None:
         """Block until the sources may change: the host waits for the writer's copy, the device for its own."""
@@ -62,9 +63,12 @@ class SnapshotWriter:
         self._max_pending = max_pending
         self._free: queue.Queue[list[torch.Tensor]] = queue.Queue()
         self._allocated = 0
-        self._jobs: queue.Queue[list[Job] | None] = queue.Queue()
+        # Two stages, each its own thread: copies release the EMAs, writes follow, so a slow
+        # disk never holds up the copy (and so the training thread) of a later snapshot.
+        self._copies: queue.Queue[list[Job] | None] = queue.Queue()
+        self._writes: queue.Queue[list[Job] | None] = queue.Queue()
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._side_stream: torch.cuda.Stream | None = None
 
     def stage(
@@ -89,26 +93,41 @@ class SnapshotWriter:
         with torch.no_grad():
             for i, (src, dst) in enumerate(zip(tensors, staging)):
                 if src.is_cuda:
-                    ready = ready or self._cuda_event_after_copies(tensors, staging)
+                    ready = ready or self._cuda_event_after_copies(tensors, staging, stable)
                 elif stable[i] and self._background:
                     deferred.append((i, src))
                 else:
                     dst.copy_(src)
-        return Job(path, names, staging, metadata, deferred, ready)
+        job = Job(path, names, staging, metadata, deferred, ready)
+        if not deferred:
+            job.released.set()  # nothing for the host to copy (device copies are ordered by `ready`)
+        return job
 
     def submit(self, jobs: list[Job]) -> None:
         """Write ``jobs`` (the files of one snapshot time): every copy first, then the files."""
         if not self._background:
-            self._run(jobs)
+            self._copy(jobs)
+            self._write(jobs)
             self.raise_error()
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="posthoc-ema-writer", daemon=True)
-            self._thread.start()
-        self._jobs.put(jobs)
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=loop, name=f"posthoc-ema-{name}", daemon=True)
+                for name, loop in (("copy", self._copy_loop), ("write", self._write_loop))
+            ]
+            for thread in self._threads:
+                thread.start()
+        self._copies.put(jobs)
 
-    def _cuda_event_after_copies(self, tensors: list[torch.Tensor], staging: list[torch.Tensor]) -> torch.cuda.Event:
-        """Copy every CUDA tensor to pinned memory on a side stream; the event marks the end."""
+    def _cuda_event_after_copies(
+        self, tensors: list[torch.Tensor], staging: list[torch.Tensor], stable: list[bool]
+    ) -> torch.cuda.Event:
+        """Copy every CUDA tensor to pinned memory on a side stream; the event marks the end.
+
+        Tensors that training changes (integer buffers) are cloned on the main stream first, so the
+        next step cannot overwrite them before the side stream reads them.
+        """
+        tensors = [t if keep or not t.is_cuda else t.clone() for t, keep in zip(tensors, stable)]
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream()
         main = torch.cuda.current_stream()
@@ -137,33 +156,48 @@ class SnapshotWriter:
             staging = [torch.empty(t.shape, dtype=d, device="cpu", pin_memory=pin) for t, d in zip(tensors, dtypes)]
         return staging
 
-    def _run(self, jobs: list[Job]) -> None:
-        # Release every EMA before writing any file: the training thread waits for copies, never for the disk.
+    def _fail(self, job: Job, error: BaseException) -> None:
+        job.failed = True
+        self._error = self._error or error  # kept and raised in the training thread
+
+    def _copy(self, jobs: list[Job]) -> None:
         for job in jobs:
             try:
                 if job.deferred:
                     with torch.no_grad():
                         torch._foreach_copy_([job.staging[i] for i, _ in job.deferred], [s for _, s in job.deferred])
-            except BaseException as e:  # kept and raised in the training thread
-                self._error = self._error or e
+            except BaseException as e:
+                self._fail(job, e)
             finally:
+                job.deferred = []
                 job.released.set()
-        for job in jobs:
+
+    def _write(self, jobs: list[Job]) -> None:
+        for job in jobs:  # every file is attempted: one failure does not cost the others
             try:
-                if self._error is None:
+                if not job.failed:
                     if job.ready is not None:
                         job.ready.synchronize()
                     write_file(job.path, zip(job.names, job.staging), job.metadata)
             except BaseException as e:
-                self._error = self._error or e
+                self._fail(job, e)
             finally:
                 self._free.put(job.staging)
+                job.staging = []
 
-    def _loop(self) -> None:
-        while (jobs := self._jobs.get()) is not None:
-            self._run(jobs)
-            self._jobs.task_done()
-        self._jobs.task_done()
+    def _copy_loop(self) -> None:
+        while (jobs := self._copies.get()) is not None:
+            self._copy(jobs)
+            self._writes.put(jobs)
+            self._copies.task_done()
+        self._writes.put(None)
+        self._copies.task_done()
+
+    def _write_loop(self) -> None:
+        while (jobs := self._writes.get()) is not None:
+            self._write(jobs)
+            self._writes.task_done()
+        self._writes.task_done()
 
     def raise_error(self) -> None:
         """Raise the first write error, once, in the calling (training) thread."""
@@ -176,16 +210,18 @@ class SnapshotWriter:
 
     def flush(self) -> None:
         """Wait until every queued snapshot is on disk, then raise any write error."""
-        if self._thread is not None:
-            self._jobs.join()
+        if self._threads:
+            self._copies.join()
+            self._writes.join()
         self.raise_error()
 
     def close(self) -> None:
-        """Flush and stop the writer thread."""
+        """Flush and stop the writer threads."""
         try:
             self.flush()
         finally:
-            if self._thread is not None:
-                self._jobs.put(None)
-                self._thread.join()
-                self._thread = None
+            if self._threads:
+                self._copies.put(None)
+                for thread in self._threads:
+                    thread.join()
+                self._threads = []

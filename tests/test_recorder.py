@@ -284,3 +284,78 @@ def test_integer_like_steps_and_non_writing_ranks(tmp_path):
         rec.update()
         rec.snapshot()
     assert not list((tmp_path / "quiet").iterdir())
+
+
+def test_snapshots_are_written_even_without_close(tmp_path):
+    """A script that never closes its Recorder still gets its snapshots (written at interpreter exit)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\nfrom torch import nn\nfrom posthoc_cli import Recorder\n"
+        "m = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)])\n"
+        f"rec = Recorder(m, {str(tmp_path)!r}, snapshot_every=5)\n"
+        "for _ in range(5):\n    rec.update()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert [s.t for s in scan(tmp_path).series[0.10]] == [5]
+
+
+def test_a_failed_write_is_retried_and_costs_no_other_file(tmp_path, monkeypatch):
+    from posthoc_cli import writer as writer_module
+
+    real, calls = writer_module.write_file, []
+
+    def flaky(path, *args, **kwargs):  # the first file hits a full disk, the rest succeed
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_file", flaky)
+    model = Net()
+    rec = Recorder(model, tmp_path, snapshot_every=10, async_write=False)
+    with pytest.raises(Exception, match="No space"):
+        for _ in range(10):
+            rec.update()
+    assert [s.sigma_rel for s in scan(tmp_path).snapshots] == [0.10]  # the other file was still written
+    rec.snapshot()  # retries the one that failed
+    rec.close()
+    assert sorted(s.sigma_rel for s in scan(tmp_path).snapshots) == [0.05, 0.10]
+
+
+def test_a_stuck_disk_never_holds_up_training_beyond_the_copy(tmp_path, monkeypatch):
+    """With every file write blocked, updates across two snapshot times still return."""
+    from posthoc_cli import writer as writer_module
+
+    real, gate = writer_module.write_file, threading.Event()
+
+    def stuck(*args, **kwargs):
+        gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_file", stuck)
+    model = Net()
+    rec = Recorder(model, tmp_path, snapshot_every=2, max_pending=4)
+
+    def train() -> None:
+        for _ in range(5):  # snapshots at t=2 and t=4, both queued behind the stuck disk
+            perturb(model, rec.t + 1)
+            rec.update()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    worker.join(timeout=20)
+    finished = not worker.is_alive()
+    gate.set()
+    worker.join()
+    rec.close()
+    assert finished, "update() waited for the disk"
+    assert [s.t for s in scan(tmp_path).series[0.05]] == [2, 4]
+
+
+def test_model_without_float_tensors_is_refused(tmp_path):
+    model = nn.Module()
+    model.register_buffer("count", torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(InvalidValueError, match="no floating-point"):
+        Recorder(model, tmp_path)
