@@ -232,8 +232,6 @@ def _run(command: dict) -> dict:
 
 
 def serve() -> None:
-    import posthoc_cli
-    import posthoc_cli.cli
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
