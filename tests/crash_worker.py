@@ -232,6 +232,8 @@ def _run(command: dict) -> dict:
 
 
 def serve() -> None:
+    import posthoc_cli  # noqa: F401  (imported once here, so every forked child starts warm)
+    import posthoc_cli.cli  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
