@@ -22,10 +22,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .container import CODES, DTYPES, AtomicWriter, TensorEntry, output_error, read_into
+from .container import DTYPES, AtomicWriter, TensorEntry, output_error, read_into
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
-from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+from .snapshots import FLOAT_DTYPES, STORAGE_NAMES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
 BUFFER_BYTES = 8 << 20  # one read buffer; two are in use at a time
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
@@ -463,9 +463,7 @@ def load_synthesized(
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
     if isinstance(dtype, torch.dtype):
-        code = CODES.get(dtype)
-        names = {v: k for k, v in FLOAT_DTYPES.items()}
-        if code not in names:
+        if dtype not in STORAGE_NAMES:
             raise InvalidValueError(f"dtype {dtype} is not supported", f"use one of {', '.join(FLOAT_DTYPES)}")
-        return names[code]
+        return STORAGE_NAMES[dtype]
     return dtype

@@ -22,12 +22,11 @@ from torch import nn
 from .container import load_tensors
 from .errors import InvalidValueError, OutputError, ResumeError
 from .profiles import check_sigma_rel, sigma_rel_to_gamma, update_beta
-from .snapshots import FLOAT_DTYPES, Catalogue, scan, snapshot_metadata, snapshot_name
+from .snapshots import STORAGE_NAMES, Catalogue, scan, snapshot_metadata, snapshot_name
 from .writer import SnapshotWriter, Job
 
 # Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
@@ -96,7 +95,7 @@ class Recorder:
                 raise InvalidValueError(f"{label}={value!r} is not a positive integer", f"pass e.g. {label}=1000")
         if not (isinstance(time_unit, str) and time_unit.isprintable() and time_unit):
             raise InvalidValueError(f"time_unit {time_unit!r} is not a printable name", 'use e.g. "step", "sample" or "token"')
-        if snapshot_dtype not in _STORAGE_DTYPES:
+        if snapshot_dtype not in STORAGE_NAMES:
             raise InvalidValueError(
                 f"snapshot_dtype {snapshot_dtype} is not supported", "use torch.float32, torch.float16 or torch.bfloat16"
             )
@@ -197,7 +196,7 @@ class Recorder:
                 f"{where} holds snapshots of sigma_rels {recorded}, not {sorted(self.sigma_rels)}",
                 f"pass sigma_rels={tuple(recorded)} to continue them, or use a new folder",
             )
-        storage = _STORAGE_DTYPES[self.snapshot_dtype]
+        storage = STORAGE_NAMES[self.snapshot_dtype]
         for k, sigma_rel in enumerate(self.sigma_rels):
             if sigma_rel not in catalogue.series:
                 continue  # not written yet (see above): starts at t=0
@@ -289,7 +288,7 @@ class Recorder:
     def _write(self, t: int) -> None:
         if not self.writes:
             return
-        storage = _STORAGE_DTYPES[self.snapshot_dtype]
+        storage = STORAGE_NAMES[self.snapshot_dtype]
         stable = [averaged for averaged, _ in self._slots]  # EMAs wait for their copy; model buffers are cloned
         jobs = []
         for k, sigma_rel in enumerate(self.sigma_rels):
@@ -367,4 +366,4 @@ class Recorder:
         )
 
 
-__all__ = ["FLOAT_DTYPES", "Recorder", "strip_wrappers"]
+__all__ = ["Recorder", "strip_wrappers"]

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ SUFFIX = ".safetensors"
 KINDS = ("snapshot", "synthesized")
 # Storage dtypes for averaged tensors, by the name used in metadata and on the command line.
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+STORAGE_NAMES = {DTYPES[code]: name for name, code in FLOAT_DTYPES.items()}  # torch.float16 → "float16"
 _MAX_T = 2**62  # far beyond any real counter; keeps t**(gamma+1) arithmetic in float range checks
 
 
@@ -216,7 +216,7 @@ def _data_digest(snap: Snapshot) -> bytes:
     return h.digest()
 
 
-def scan(folder: str | os.PathLike[str], *, kinds: Iterable[str] = ("snapshot",)) -> Catalogue:
+def scan(folder: str | os.PathLike[str]) -> Catalogue:
     """Sort the files of ``folder`` into a :class:`Catalogue` (headers only, no tensor data).
 
     >>> cat = scan("ckpts")  # doctest: +SKIP
@@ -228,7 +228,6 @@ def scan(folder: str | os.PathLike[str], *, kinds: Iterable[str] = ("snapshot",)
         what = "does not exist" if not root.exists() else "is not a folder"
         raise CatalogueError(f"snapshot folder {root} {what}", "pass the folder the Recorder wrote (default: ckpts)")
     catalogue = Catalogue(root)
-    wanted = set(kinds)
     by_key: dict[tuple[float, int], Snapshot] = {}
     for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if path.is_dir():
@@ -247,7 +246,7 @@ def scan(folder: str | os.PathLike[str], *, kinds: Iterable[str] = ("snapshot",)
         except SnapshotFileError as e:
             catalogue.broken.append(Skipped(path, e.what.removeprefix(f"{path}: ")))
             continue
-        if snap.kind not in wanted:
+        if snap.kind != "snapshot":
             catalogue.ignored.append(Skipped(path, f"{snap.kind} file, not a snapshot"))
             continue
         key = (snap.sigma_rel, snap.t)
