@@ -1,11 +1,13 @@
 """Streaming synthesis: a weighted sum of snapshot files, one tensor slice at a time.
 
-For each slice of each tensor the inputs' bytes are read into the rows of one
-buffer ``X`` (``[inputs, n]``) and every target comes out of one matrix product
-``Wᵀ X`` (``[targets, n]``), so each input byte is read once however many
-targets there are. A background thread reads the next slice while the current
-one is multiplied and written. Memory is two buffers of :data:`BUFFER_BYTES`
-plus the products: it grows with neither the model nor the number of snapshots.
+For each slice of each tensor the inputs' bytes form the rows of one matrix
+``X`` (``[inputs, n]``) and every target comes out of one product ``Wᵀ X``
+(``[targets, n]``), so each input byte is read once however many targets there
+are. On Linux the rows are the page cache itself, mapped side by side
+(:mod:`.mapping`); elsewhere they are read into a reused buffer. A second thread
+writes the products of one slice while the next is computed. Memory is a few
+buffers of :data:`SLICE_BYTES`: it grows with neither the model nor the number
+of snapshots.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import resource
 from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,11 +26,12 @@ import numpy as np
 import torch
 
 from .container import DTYPES, AtomicWriter, TensorEntry, output_error, read_into
+from . import mapping
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, STORAGE_NAMES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
-BUFFER_BYTES = 8 << 20  # one read buffer; two are in use at a time
+SLICE_BYTES = 32 << 20  # input bytes (all inputs together) per slice; also bounds each buffer of products
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # Relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
@@ -160,8 +164,8 @@ class _Inputs:
     def __init__(self, snaps: list[Snapshot]) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.snaps = snaps
-        self._keep_open = soft == resource.RLIM_INFINITY or len(snaps) + 64 <= soft // 2
-        self._fds = [self._open(s) for s in snaps] if self._keep_open else []
+        self.keep_open = soft == resource.RLIM_INFINITY or len(snaps) + 64 <= soft // 2
+        self._fds = [self._open(s) for s in snaps] if self.keep_open else []
 
     @staticmethod
     def _open(snap: Snapshot) -> int:
@@ -172,16 +176,24 @@ class _Inputs:
 
     def read(self, i: int, name: str, out: memoryview, start: int) -> None:
         snap = self.snaps[i]
-        fd = self._fds[i] if self._keep_open else self._open(snap)
+        fd = self._fds[i] if self.keep_open else self._open(snap)
         try:
             read_into(fd, snap.tensors[name], out, start, path=snap.path)
         finally:
-            if not self._keep_open:
+            if not self.keep_open:
                 os.close(fd)
+
+    def source(self, i: int, name: str, start: int, length: int) -> tuple[int, int]:
+        """``(fd, file offset)`` of a range that is checked to exist now (a mapping past the end would crash)."""
+        snap, fd = self.snaps[i], self._fds[i]
+        offset = snap.tensors[name].begin + start
+        if os.fstat(fd).st_size < offset + length:
+            raise SnapshotFileError(snap.path, f"ended while reading tensor {name!r}", "the file was truncated; replace it")
+        return fd, offset
 
     def prefetch(self, i: int, name: str, start: int, length: int) -> None:
         """Ask the kernel to start reading a range now, so a cold disk works while we compute."""
-        if self._keep_open and hasattr(os, "posix_fadvise"):
+        if self.keep_open and hasattr(os, "posix_fadvise"):
             entry = self.snaps[i].tensors[name]
             os.posix_fadvise(self._fds[i], entry.begin + start, length, os.POSIX_FADV_WILLNEED)
 
@@ -209,15 +221,117 @@ class _Slice:
         return self.count * self.entry.dtype.itemsize
 
 
-def _slices(entries: list[TensorEntry], n_inputs: int) -> Iterator[_Slice]:
+def _slices(entries: list[TensorEntry], n_inputs: int, n_targets: int) -> Iterator[_Slice]:
     for entry in entries:
         averaged = entry.dtype.is_floating_point
-        rows = n_inputs if averaged else 1
-        step = max(1, BUFFER_BYTES // (rows * entry.dtype.itemsize))
+        rows = max(n_inputs, n_targets) if averaged else 1  # bounds the inputs' rows and the products alike
+        step = max(1, SLICE_BYTES // (rows * entry.dtype.itemsize))
         for start in range(0, entry.numel, step):
             yield _Slice(entry, start, min(step, entry.numel - start), averaged)
         if entry.numel == 0:
             yield _Slice(entry, 0, 0, averaged)
+
+
+class _Reader:
+    """The inputs' rows of one slice: mapped side by side (no copy) where possible, else read into a buffer."""
+
+    def __init__(self, files: _Inputs, slices: list[_Slice], n: int) -> None:
+        self.files = files
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        widest = max((s.width for s in slices if s.averaged), default=0)
+        self._rows = (
+            mapping.MappedRows(n, widest) if mapping.supported() and files.keep_open and widest >= mapping.PAGE else None
+        )
+
+    def groups(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+        """``(input indices, X => [len(indices), count])`` pairs covering ``inputs``."""
+        if self._rows is not None and s.averaged and s.width >= mapping.PAGE:
+            try:
+                mapped = self._mapped(s, inputs)
+            except OSError:  # e.g. a file system that cannot map files: read from now on
+                self._rows.close()
+                self._rows = None
+            else:
+                if mapped is not None:
+                    return mapped
+        return [(inputs, self.read(s, inputs))]
+
+    def _mapped(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]] | None:
+        assert self._rows is not None
+        sources = {i: self.files.source(i, s.entry.name, s.offset, s.width) for i in inputs}
+        if any(offset % s.entry.dtype.itemsize for _, offset in sources.values()):
+            return None  # an unaligned tensor cannot be viewed in place
+        # Rows share one stride, so inputs whose slices sit at different positions within a
+        # page (headers of other lengths) form separate groups, each a product of its own.
+        order = sorted(inputs, key=lambda i: sources[i][1] % mapping.PAGE)
+        groups: list[tuple[list[int], torch.Tensor]] = []
+        first = 0
+        while first < len(order):
+            phase = sources[order[first]][1] % mapping.PAGE
+            last = first
+            while last < len(order) and sources[order[last]][1] % mapping.PAGE == phase:
+                last += 1
+            members = order[first:last]
+            x = self._rows.view(first, [sources[i] for i in members], s.width)
+            groups.append((members, x.view(s.entry.dtype)))
+            first = last
+        return groups
+
+    def read(self, s: _Slice, inputs: list[int]) -> torch.Tensor:
+        """The rows of ``inputs`` read (copied) into the reused buffer."""
+        if s.count == 0:
+            return torch.empty((len(inputs), 0), dtype=s.entry.dtype)  # an empty tensor: no bytes to view
+        need = len(inputs) * s.width
+        if self._buffer.numel() < need:
+            self._buffer = torch.empty(max(need, SLICE_BYTES), dtype=torch.uint8)
+        view = self._buffer.numpy().data  # bytes: numpy has no bfloat16
+        for r, i in enumerate(inputs):
+            self.files.read(i, s.entry.name, view[r * s.width : (r + 1) * s.width], s.offset)
+        return self._buffer[:need].view(len(inputs), s.width).view(s.entry.dtype)
+
+    def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()
+
+
+class _Writer:
+    """Hands finished slices to one background thread that writes them to every sink.
+
+    The disk (or the page-cache copy) of slice k then overlaps the product of
+    slice k+1. Results live in a small ring of buffers, reused once written.
+    """
+
+    def __init__(self, sinks: Sequence[_Sink], capacity: int) -> None:
+        self.sinks = sinks
+        self._ring = [torch.empty(capacity, dtype=torch.uint8) for _ in range(3)]
+        self._busy: list[Future[None] | None] = [None] * len(self._ring)
+        self._next = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-write")
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A free buffer to fill (waits for its previous write; raises that write's error)."""
+        k, previous = self._next, self._busy[self._next]
+        if previous is not None:
+            self._busy[k] = None
+            previous.result()
+        nbytes = math.prod(shape) * dtype.itemsize
+        return self._ring[k][:nbytes].view(dtype).view(shape)
+
+    def submit(self, rows: torch.Tensor) -> None:
+        """Write row j of ``rows`` (from :meth:`buffer`) to sink j; one row goes to every sink."""
+        self._busy[self._next] = self._pool.submit(self._write, rows)
+        self._next = (self._next + 1) % len(self._ring)
+
+    def _write(self, rows: torch.Tensor) -> None:
+        for j, sink in enumerate(self.sinks):
+            sink.write(rows[j if len(rows) > 1 else 0])
+
+    def close(self) -> None:
+        """Wait for every write; the first error is raised after all have stopped."""
+        self._pool.shutdown(wait=True)
+        for future in self._busy:
+            if future is not None:
+                future.result()
 
 
 def stream(
@@ -232,54 +346,63 @@ def stream(
     out_dtype = DTYPES[FLOAT_DTYPES[dtype or p.input_dtype]]
     acc = ACCUMULATE[accumulate]
     w_t = torch.from_numpy(np.ascontiguousarray(p.fit.weights.T)).to(acc)  # => [targets, inputs]
-    n = len(p.inputs)
+    n, m = len(p.inputs), len(sinks)
     latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
     files = _Inputs(p.inputs if latest is not None else [*p.inputs, p.fixed_from])
-    fixed_row = latest if latest is not None else n
-    buffer = torch.empty(max(BUFFER_BYTES, n * 8), dtype=torch.uint8)
-    view = buffer.numpy().data  # bytes: numpy has no bfloat16
-
-    def rows(s: _Slice) -> list[tuple[int, int]]:
-        return list(enumerate(range(n))) if s.averaged else [(0, fixed_row)]  # (buffer row, input)
+    everything, fixed = list(range(n)), [latest if latest is not None else n]
 
     total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
     done = 0
-    slices = list(_slices(p.entries, n))
-    # One thread reads a slice and multiplies it while it is still in this core's cache: on memory-bound
-    # machines that beats a reader thread feeding a compute thread (measured 0.58 s vs 0.67 s for 2.6 GB),
-    # and read-ahead hints let a cold disk fetch the next slice meanwhile. A thread team for the small
-    # products would only contend for the cores (measured ~50x slower under load).
+    slices = list(_slices(p.entries, n, m))
+    capacity = max((s.count * (m * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
+    # One thread maps (or reads) a slice and multiplies it while it is still in this core's cache, another
+    # writes the results. A thread team for the small products would only contend for the cores (measured
+    # ~50x slower under load), hence one compute thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    reader, writer = _Reader(files, slices, n), _Writer(sinks, capacity)
     try:
         for k, s in enumerate(slices):
             after = slices[k + 1] if k + 1 < len(slices) else None
-            if after is not None and len(rows(after)) * after.width >= _PREFETCH_BYTES:
-                for _, i in rows(after):
+            if after is not None and (n if after.averaged else 1) * after.width >= _PREFETCH_BYTES:
+                for i in everything if after.averaged else fixed:
                     files.prefetch(i, after.entry.name, after.offset, after.width)
-            for r, i in rows(s):
-                files.read(i, s.entry.name, view[r * s.width : (r + 1) * s.width], s.offset)
-            height = len(rows(s))
-            x = (
-                buffer[: height * s.width].view(height, s.width).view(s.entry.dtype)  # => [rows, count]
-                if s.count
-                else torch.empty((height, 0), dtype=s.entry.dtype)  # an empty tensor: no bytes to view
-            )
             if s.averaged:
-                y = torch.mm(w_t, x if x.dtype == acc else x.to(acc))  # => [targets, count]
-                y = y if y.dtype == out_dtype else y.to(out_dtype)
+                y = writer.buffer((m, s.count), out_dtype)  # => [targets, count]
+                _product(w_t, reader.groups(s, everything), y if out_dtype == acc else None, y)
                 if not allow_nonfinite and not _all_finite(y):
-                    raise _nonfinite(p, s, x, out_dtype)
-                for j, sink in enumerate(sinks):
-                    sink.write(y[j])
+                    raise _nonfinite(p, s, reader, out_dtype)
             else:
-                for sink in sinks:
-                    sink.write(x[0])
-            done += x.numel() * s.entry.dtype.itemsize
+                x = reader.groups(s, fixed)[0][1]
+                y = writer.buffer((1, s.count), s.entry.dtype)
+                y.copy_(x)
+            writer.submit(y)
+            done += (n if s.averaged else 1) * s.width
             yield Progress(done, total, s.entry.name)
+        writer.close()
     finally:
         torch.set_num_threads(threads)
+        with contextlib.suppress(Exception):
+            writer.close()  # on an error: let the thread finish before the sinks are dropped
+        reader.close()
         files.close()
+
+
+def _product(
+    w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], acc_out: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """``out = Wᵀ X`` summed over the groups of input rows (one group in the common case)."""
+    n = w_t.shape[1]
+    y = acc_out if acc_out is not None else torch.empty(out.shape, dtype=w_t.dtype)
+    for g, (members, x) in enumerate(groups):
+        w = w_t if len(members) == n and members == list(range(n)) else w_t[:, members]
+        x = x if x.dtype == w_t.dtype else x.to(w_t.dtype)
+        if g == 0:
+            torch.mm(w, x, out=y)
+        else:
+            y.addmm_(w, x)
+    if acc_out is None:
+        out.copy_(y)  # rounds to the output dtype
 
 
 def _all_finite(y: torch.Tensor) -> bool:
@@ -288,8 +411,8 @@ def _all_finite(y: torch.Tensor) -> bool:
     return math.isfinite(float(y.sum())) or bool(torch.isfinite(y).all())
 
 
-def _nonfinite(p: Plan, s: _Slice, x: torch.Tensor, out_dtype: torch.dtype) -> NonFiniteError:
-    bad = [p.inputs[i].path for i in range(len(p.inputs)) if not bool(torch.isfinite(x[i]).all())]
+def _nonfinite(p: Plan, s: _Slice, reader: _Reader, out_dtype: torch.dtype) -> NonFiniteError:
+    bad = [snap.path for i, snap in enumerate(p.inputs) if not bool(torch.isfinite(reader.read(s, [i])).all())]
     if bad:
         more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
         return NonFiniteError(

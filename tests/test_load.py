@@ -27,7 +27,7 @@ from posthoc_cli import (
     synthesize,
 )
 from posthoc_cli.container import write_file
-from posthoc_cli.merge import BUFFER_BYTES
+from posthoc_cli.merge import SLICE_BYTES
 from posthoc_cli.snapshots import snapshot_metadata, snapshot_name
 
 SIGMA_RELS = (0.05, 0.10)
@@ -163,10 +163,10 @@ def test_large_tensor_stays_within_the_memory_bound(tmp_path):
     growth = peak - baseline
     tensor_bytes = numel * 4
     print(f"\n{LARGE_MB} MB tensor: peak RSS {peak / 2**20:.0f} MiB, growth over a tiny model {growth / 2**20:.0f} MiB "
-          f"({growth / tensor_bytes:.2f}× the tensor, {growth / BUFFER_BYTES:.1f}× BUFFER_BYTES), {seconds:.1f} s")
+          f"({growth / tensor_bytes:.2f}× the tensor, {growth / SLICE_BYTES:.1f}× SLICE_BYTES), {seconds:.1f} s")
     # The CLI issue's bound is a few copies of the largest tensor; streaming does far better: a few read
     # buffers (two input buffers, the float32 products and the output slices) plus allocator slack.
-    assert growth < min(12 * BUFFER_BYTES + 32 * 2**20, tensor_bytes // 2)
+    assert growth < min(12 * SLICE_BYTES + 32 * 2**20, tensor_bytes // 2)
     assert (tmp_path / "big.safetensors").stat().st_size > tensor_bytes
 
 

@@ -104,7 +104,7 @@ def test_many_targets_in_one_pass_equal_single_runs(recorded, tmp_path):
 def test_slicing_does_not_change_results(recorded, monkeypatch):
     """Tensors split across many tiny read buffers give the same sums as whole-tensor reads."""
     whole = load_synthesized(recorded / "ckpts", 0.15)
-    monkeypatch.setattr(merge, "BUFFER_BYTES", 64)
+    monkeypatch.setattr(merge, "SLICE_BYTES", 64)
     sliced = load_synthesized(recorded / "ckpts", 0.15)
     for name in whole:
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-6, atol=1e-7)
