@@ -32,6 +32,7 @@ from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, STORAGE_NAMES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
 SLICE_BYTES = 32 << 20  # input bytes (all inputs together) per slice; also bounds each buffer of products
+_MAP_MIN_BYTES = mapping.PAGE  # narrower slices (per input) are cheaper to read than to map
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 # Relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
@@ -240,12 +241,15 @@ class _Reader:
         self._buffer = torch.empty(0, dtype=torch.uint8)
         widest = max((s.width for s in slices if s.averaged), default=0)
         self._rows = (
-            mapping.MappedRows(n, widest) if mapping.supported() and files.keep_open and widest >= mapping.PAGE else None
+            mapping.MappedRows(n, widest) if mapping.supported() and files.keep_open and widest >= _MAP_MIN_BYTES else None
         )
 
     def groups(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]]:
         """``(input indices, X => [len(indices), count])`` pairs covering ``inputs``."""
-        if self._rows is not None and s.averaged and s.width >= mapping.PAGE:
+        if len(inputs) * s.width >= _PREFETCH_BYTES:
+            for i in inputs:  # all files at once: a cold disk gets a deep queue instead of one read at a time
+                self.files.prefetch(i, s.entry.name, s.offset, s.width)
+        if self._rows is not None and s.averaged and s.width >= _MAP_MIN_BYTES:
             try:
                 mapped = self._mapped(s, inputs)
             except OSError:  # e.g. a file system that cannot map files: read from now on
@@ -355,36 +359,44 @@ def stream(
     done = 0
     slices = list(_slices(p.entries, n, m))
     capacity = max((s.count * (m * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
-    # One thread maps (or reads) a slice and multiplies it while it is still in this core's cache, another
-    # writes the results. A thread team for the small products would only contend for the cores (measured
-    # ~50x slower under load), hence one compute thread.
+    # Three threads: one maps (or reads) slice k+1 while this one multiplies slice k and a third writes
+    # slice k-1. The products run on this thread alone: a thread team for them would only contend for
+    # the cores (measured ~50x slower under load).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    reader, writer = _Reader(files, slices, n), _Writer(sinks, capacity)
+    readers = [_Reader(files, slices, n), _Reader(files, slices, n)]  # slice k uses readers[k % 2]
+    writer = _Writer(sinks, capacity)
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-read")
+
+    def fetch(k: int) -> Future[list[tuple[list[int], torch.Tensor]]]:
+        s = slices[k]
+        return ahead.submit(readers[k % 2].groups, s, everything if s.averaged else fixed)
+
     try:
+        futures = {0: fetch(0)} if slices else {}
         for k, s in enumerate(slices):
-            after = slices[k + 1] if k + 1 < len(slices) else None
-            if after is not None and (n if after.averaged else 1) * after.width >= _PREFETCH_BYTES:
-                for i in everything if after.averaged else fixed:
-                    files.prefetch(i, after.entry.name, after.offset, after.width)
+            if k + 1 < len(slices):
+                futures[k + 1] = fetch(k + 1)  # the other reader: slice k-1 is done with it
+            groups = futures.pop(k).result()
             if s.averaged:
                 y = writer.buffer((m, s.count), out_dtype)  # => [targets, count]
-                _product(w_t, reader.groups(s, everything), y if out_dtype == acc else None, y)
+                _product(w_t, groups, y if out_dtype == acc else None, y)
                 if not allow_nonfinite and not _all_finite(y):
-                    raise _nonfinite(p, s, reader, out_dtype)
+                    raise _nonfinite(p, s, readers[k % 2], out_dtype)
             else:
-                x = reader.groups(s, fixed)[0][1]
                 y = writer.buffer((1, s.count), s.entry.dtype)
-                y.copy_(x)
+                y.copy_(groups[0][1])
             writer.submit(y)
             done += (n if s.averaged else 1) * s.width
             yield Progress(done, total, s.entry.name)
         writer.close()
     finally:
         torch.set_num_threads(threads)
+        ahead.shutdown(wait=True, cancel_futures=True)  # no mapping may be under way when the readers close
         with contextlib.suppress(Exception):
-            writer.close()  # on an error: let the thread finish before the sinks are dropped
-        reader.close()
+            writer.close()  # on an error: let the writes finish before the sinks are dropped
+        for reader in readers:
+            reader.close()
         files.close()
 
 

@@ -7,10 +7,21 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from posthoc_cli import merge
+from posthoc_cli import mapping, merge
 from posthoc_cli import CatalogueError, InvalidValueError, NonFiniteError, OutputError, Recorder, load_synthesized, plan, synthesize
 from posthoc_cli.container import load_tensors, write_file
 from posthoc_cli.snapshots import read_snapshot, scan
+
+
+@pytest.fixture(autouse=True, params=["mapped", "read"])
+def input_path(request, monkeypatch):
+    """Every test here runs twice: inputs mapped side by side (even the smallest slices), and read."""
+    if request.param == "mapped":
+        if not mapping.supported():
+            pytest.skip("mapping files side by side is Linux-only")
+        monkeypatch.setattr(merge, "_MAP_MIN_BYTES", 1)
+    else:
+        monkeypatch.setenv("POSTHOC_EMA_MMAP", "0")
 
 
 def make_model() -> nn.Module:
