@@ -4,10 +4,10 @@ For each slice of each tensor the inputs' bytes form the rows of one matrix
 ``X`` (``[inputs, n]``) and every target comes out of one product ``Wᵀ X``
 (``[targets, n]``), so each input byte is read once however many targets there
 are. On Linux the rows are the page cache itself, mapped side by side
-(:mod:`.mapping`); elsewhere they are read into a reused buffer. A second thread
-writes the products of one slice while the next is computed. Memory is a few
-buffers of :data:`SLICE_BYTES`: it grows with neither the model nor the number
-of snapshots.
+(:mod:`.mapping`); elsewhere they are read into a reused buffer. A helper
+thread maps (or reads) slice k+1 while slice k is multiplied, and another writes
+the products of slice k-1. Memory is a few buffers of :data:`SLICE_BYTES`: it
+grows with neither the model nor the number of snapshots.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputErr
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, STORAGE_NAMES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
-SLICE_BYTES = 32 << 20  # input bytes (all inputs together) per slice; also bounds each buffer of products
+SLICE_BYTES = 24 << 20  # input bytes (all inputs together) per slice; two slices are in use at a time
 _MAP_MIN_BYTES = mapping.PAGE  # narrower slices (per input) are cheaper to read than to map
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
