@@ -16,7 +16,7 @@ import contextlib
 import math
 import os
 import resource
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +166,13 @@ class _Inputs:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.snaps = snaps
         self.keep_open = soft == resource.RLIM_INFINITY or len(snaps) + 64 <= soft // 2
-        self._fds = [self._open(s) for s in snaps] if self.keep_open else []
+        self._fds: list[int] = []
+        try:
+            for snap in snaps if self.keep_open else []:
+                self._fds.append(self._open(snap))
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _open(snap: Snapshot) -> int:
@@ -240,9 +246,10 @@ class _Reader:
         self.files = files
         self._buffer = torch.empty(0, dtype=torch.uint8)
         widest = max((s.width for s in slices if s.averaged), default=0)
-        self._rows = (
-            mapping.MappedRows(n, widest) if mapping.supported() and files.keep_open and widest >= _MAP_MIN_BYTES else None
-        )
+        self._rows: mapping.MappedRows | None = None
+        if mapping.supported() and files.keep_open and widest >= _MAP_MIN_BYTES:
+            with contextlib.suppress(OSError):  # no address space (ulimit -v): read instead
+                self._rows = mapping.MappedRows(n, widest)
 
     def groups(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]]:
         """``(input indices, X => [len(indices), count])`` pairs covering ``inputs``."""
@@ -303,6 +310,8 @@ class _Writer:
 
     The disk (or the page-cache copy) of slice k then overlaps the product of
     slice k+1. Results live in a small ring of buffers, reused once written.
+    After the first failed write nothing more is written, and that first error
+    is the one raised in the computing thread.
     """
 
     def __init__(self, sinks: Sequence[_Sink], capacity: int) -> None:
@@ -310,14 +319,17 @@ class _Writer:
         self._ring = [torch.empty(capacity, dtype=torch.uint8) for _ in range(3)]
         self._busy: list[Future[None] | None] = [None] * len(self._ring)
         self._next = 0
+        self._error: BaseException | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-write")
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A free buffer to fill (waits for its previous write; raises that write's error)."""
+        """A free buffer to fill (waits for its previous write; raises the first failed write's error)."""
         k, previous = self._next, self._busy[self._next]
         if previous is not None:
             self._busy[k] = None
-            previous.result()
+            previous.exception()  # waits
+        if self._error is not None:
+            raise self._error
         nbytes = math.prod(shape) * dtype.itemsize
         return self._ring[k][:nbytes].view(dtype).view(shape)
 
@@ -327,15 +339,19 @@ class _Writer:
         self._next = (self._next + 1) % len(self._ring)
 
     def _write(self, rows: torch.Tensor) -> None:
-        for j, sink in enumerate(self.sinks):
-            sink.write(rows[j if len(rows) > 1 else 0])
+        if self._error is not None:
+            return
+        try:
+            for j, sink in enumerate(self.sinks):
+                sink.write(rows[j if len(rows) > 1 else 0])
+        except BaseException as e:
+            self._error = e
 
     def close(self) -> None:
-        """Wait for every write; the first error is raised after all have stopped."""
+        """Wait for every write, then raise the first error if one failed."""
         self._pool.shutdown(wait=True)
-        for future in self._busy:
-            if future is not None:
-                future.result()
+        if self._error is not None:
+            raise self._error
 
 
 def stream(
@@ -352,7 +368,6 @@ def stream(
     w_t = torch.from_numpy(np.ascontiguousarray(p.fit.weights.T)).to(acc)  # => [targets, inputs]
     n, m = len(p.inputs), len(sinks)
     latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
-    files = _Inputs(p.inputs if latest is not None else [*p.inputs, p.fixed_from])
     everything, fixed = list(range(n)), [latest if latest is not None else n]
 
     total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
@@ -362,17 +377,25 @@ def stream(
     # Three threads: one maps (or reads) slice k+1 while this one multiplies slice k and a third writes
     # slice k-1. The products run on this thread alone: a thread team for them would only contend for
     # the cores (measured ~50x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    readers = [_Reader(files, slices, n), _Reader(files, slices, n)]  # slice k uses readers[k % 2]
-    writer = _Writer(sinks, capacity)
-    ahead = ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-read")
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, on success and on any error
+        files = _Inputs(p.inputs if latest is not None else [*p.inputs, p.fixed_from])
+        cleanup.callback(files.close)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        cleanup.callback(torch.set_num_threads, threads)
+        readers = [_Reader(files, slices, n), _Reader(files, slices, n)]  # slice k uses readers[k % 2]
+        for reader in readers:
+            cleanup.callback(reader.close)
+        writer = _Writer(sinks, capacity)
+        cleanup.callback(_quietly, writer.close)  # on an error: let the writes stop before the sinks are dropped
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-read")
+        # No mapping may be under way when the readers close.
+        cleanup.callback(ahead.shutdown, wait=True, cancel_futures=True)
 
-    def fetch(k: int) -> Future[list[tuple[list[int], torch.Tensor]]]:
-        s = slices[k]
-        return ahead.submit(readers[k % 2].groups, s, everything if s.averaged else fixed)
+        def fetch(k: int) -> Future[list[tuple[list[int], torch.Tensor]]]:
+            s = slices[k]
+            return ahead.submit(readers[k % 2].groups, s, everything if s.averaged else fixed)
 
-    try:
         futures = {0: fetch(0)} if slices else {}
         for k, s in enumerate(slices):
             if k + 1 < len(slices):
@@ -386,18 +409,16 @@ def stream(
             else:
                 y = writer.buffer((1, s.count), s.entry.dtype)
                 y.copy_(groups[0][1])
+            del groups  # views of the mapping: none may outlive this slice
             writer.submit(y)
             done += (n if s.averaged else 1) * s.width
             yield Progress(done, total, s.entry.name)
         writer.close()
-    finally:
-        torch.set_num_threads(threads)
-        ahead.shutdown(wait=True, cancel_futures=True)  # no mapping may be under way when the readers close
-        with contextlib.suppress(Exception):
-            writer.close()  # on an error: let the writes finish before the sinks are dropped
-        for reader in readers:
-            reader.close()
-        files.close()
+
+
+def _quietly(close: Callable[[], None]) -> None:
+    with contextlib.suppress(Exception):
+        close()
 
 
 def _product(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,41 @@ def test_file_truncated_after_planning(wide, tmp_path):
             pass
     assert not (tmp_path / "out.safetensors").exists()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_write_failing_late_reports_the_first_error(wide, tmp_path):
+    """Outputs over the file-size limit at any of their last slices: the user sees that error, nothing is left."""
+    size = synthesize(wide, 0.07, out=tmp_path / "whole.safetensors")[0].stat().st_size
+    script = f"""
+import resource
+from posthoc_cli import OutputError, merge, synthesize
+merge.SLICE_BYTES = 40 * 4096  # many slices, so writes keep coming after the one that fails
+for short in (10, 200, 700, 2_000, 5_000, 9_000, 14_000):
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({size} - short, resource.RLIM_INFINITY))
+    try:
+        synthesize({str(wide)!r}, [0.07, 0.15], out={str(tmp_path / "out")!r})
+    except OutputError as e:
+        print(short, e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 7 and all("file too large" in line for line in lines), proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_mapping_leaves_the_rows_usable(tmp_path):
+    if not mapping.supported():
+        pytest.skip("Linux-only")
+    (tmp_path / "f").write_bytes(os.urandom(3 * mapping.PAGE))
+    unreadable = os.open(tmp_path / "f", os.O_WRONLY)  # mapping it for reading is refused
+    readable = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        with mapping.MappedRows(slots=2, slot_bytes=mapping.PAGE) as rows:
+            with pytest.raises(OSError):
+                rows.view(0, [(readable, 0), (unreadable, 0)], 100)
+            x = rows.view(0, [(readable, 8), (readable, 8)], 100)
+            assert bytes(x[1].numpy()) == (tmp_path / "f").read_bytes()[8:108]
+    finally:
+        os.close(unreadable)
+        os.close(readable)
