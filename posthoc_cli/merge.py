@@ -13,6 +13,7 @@ grows with neither the model nor the number of snapshots.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import resource
@@ -272,20 +273,19 @@ class _Reader:
         sources = {i: self.files.source(i, s.entry.name, s.offset, s.width) for i in inputs}
         if any(offset % s.entry.dtype.itemsize for _, offset in sources.values()):
             return None  # an unaligned tensor cannot be viewed in place
+
+        def phase(i: int) -> int:
+            return sources[i][1] % mapping.PAGE
+
         # Rows share one stride, so inputs whose slices sit at different positions within a
         # page (headers of other lengths) form separate groups, each a product of its own.
-        order = sorted(inputs, key=lambda i: sources[i][1] % mapping.PAGE)
         groups: list[tuple[list[int], torch.Tensor]] = []
-        first = 0
-        while first < len(order):
-            phase = sources[order[first]][1] % mapping.PAGE
-            last = first
-            while last < len(order) and sources[order[last]][1] % mapping.PAGE == phase:
-                last += 1
-            members = order[first:last]
+        first = 0  # slots are filled group after group
+        for _, run in itertools.groupby(sorted(inputs, key=phase), key=phase):
+            members = list(run)
             x = self._rows.view(first, [sources[i] for i in members], s.width)
             groups.append((members, x.view(s.entry.dtype)))
-            first = last
+            first += len(members)
         return groups
 
     def read(self, s: _Slice, inputs: list[int]) -> torch.Tensor:
@@ -403,7 +403,7 @@ def stream(
             groups = futures.pop(k).result()
             if s.averaged:
                 y = writer.buffer((m, s.count), out_dtype)  # => [targets, count]
-                _product(w_t, groups, y if out_dtype == acc else None, y)
+                _product(w_t, groups, y)
                 if not allow_nonfinite and not _all_finite(y):
                     raise _nonfinite(p, s, readers[k % 2], out_dtype)
             else:
@@ -421,20 +421,17 @@ def _quietly(close: Callable[[], None]) -> None:
         close()
 
 
-def _product(
-    w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], acc_out: torch.Tensor | None, out: torch.Tensor
-) -> None:
+def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], out: torch.Tensor) -> None:
     """``out = Wᵀ X`` summed over the groups of input rows (one group in the common case)."""
-    n = w_t.shape[1]
-    y = acc_out if acc_out is not None else torch.empty(out.shape, dtype=w_t.dtype)
+    y = out if out.dtype == w_t.dtype else torch.empty(out.shape, dtype=w_t.dtype)
     for g, (members, x) in enumerate(groups):
-        w = w_t if len(members) == n and members == list(range(n)) else w_t[:, members]
+        w = w_t[:, members]  # => [targets, len(members)]
         x = x if x.dtype == w_t.dtype else x.to(w_t.dtype)
         if g == 0:
             torch.mm(w, x, out=y)
         else:
             y.addmm_(w, x)
-    if acc_out is None:
+    if y is not out:
         out.copy_(y)  # rounds to the output dtype
 
 

@@ -48,6 +48,20 @@ def train_step(model: nn.Module, generator: torch.Generator) -> None:
         model(torch.randn(32, 8, generator=generator))  # updates BatchNorm's running stats and counter
 
 
+def drift(model: nn.Module, recorders: Sequence[Recorder], steps: int, *, seed: int, noise: float = 0.01, bias: float = 0.002) -> None:
+    """A synthetic trajectory like SGD's: each step moves every parameter by ``noise · N(0, 1) + bias`` and
+    updates each Recorder; the Recorders are closed at the end."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(steps):
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=generator) + bias)
+            for rec in recorders:
+                rec.update()
+    for rec in recorders:
+        rec.close()
+
+
 def record_run(
     folder: str | Path,
     sigma_rels: Sequence[float] = (0.05, 0.10),

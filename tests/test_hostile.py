@@ -24,6 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 import posthoc_cli
+from conftest import drift
 from posthoc_cli import (
     CatalogueError,
     Recorder,
@@ -459,15 +460,7 @@ def _record_both(tmp_path: Path) -> tuple[Path, Path]:
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
     paths = tmp_path / "f32", tmp_path / "f16"
     recs = [Recorder(model, paths[0], snapshot_every=10), Recorder(model, paths[1], snapshot_every=10, snapshot_dtype=torch.float16)]
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _ in range(100):
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g) + 0.01)
-            for rec in recs:
-                rec.update()
-    for rec in recs:
-        rec.close()
+    drift(model, recs, 100, seed=1, noise=0.05, bias=0.01)
     return paths
 
 

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from conftest import drift
 from posthoc_cli import Recorder, SnapshotFileError, load_synthesized, mapping, merge, plan, synthesize
 from posthoc_cli.merge import output_paths, synthesize_iter
 
@@ -23,12 +24,7 @@ def record_wide(folder: Path, steps: int = 240) -> Path:
     """A model whose weights span several pages (mapped) and whose biases do not (read)."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.ReLU(), nn.Linear(128, 40))
-    g = torch.Generator().manual_seed(4)
-    with Recorder(model, folder, sigma_rels=(0.05, 0.10), snapshot_every=20) as rec, torch.no_grad():
-        for _ in range(steps):
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=g) + 0.001)
-            rec.update()
+    drift(model, [Recorder(model, folder, sigma_rels=(0.05, 0.10), snapshot_every=20)], steps, seed=4, bias=0.001)
     return folder
 
 

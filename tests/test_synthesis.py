@@ -7,6 +7,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from conftest import drift
 from posthoc_cli import mapping, merge
 from posthoc_cli import CatalogueError, InvalidValueError, NonFiniteError, OutputError, Recorder, load_synthesized, plan, synthesize
 from posthoc_cli.container import load_tensors, write_file
@@ -33,15 +34,7 @@ def train(folders_and_sigmas, steps: int = 400, snapshot_every: int = 20, **kw) 
     """One synthetic trajectory (drift + noise, like SGD), recorded by one Recorder per folder."""
     model = make_model()
     recs = [Recorder(model, f, sigma_rels=s, snapshot_every=snapshot_every, **kw) for f, s in folders_and_sigmas]
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for t in range(1, steps + 1):
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=g) + 0.002)
-            for rec in recs:
-                rec.update()
-    for rec in recs:
-        rec.close()
+    drift(model, recs, steps, seed=2)
     return model
 
 
