@@ -365,15 +365,18 @@ def stream(
     """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress."""
     out_dtype = DTYPES[FLOAT_DTYPES[dtype or p.input_dtype]]
     acc = ACCUMULATE[accumulate]
-    w_t = torch.from_numpy(np.ascontiguousarray(p.fit.weights.T)).to(acc)  # => [targets, inputs]
     n, m = len(p.inputs), len(sinks)
+    # One target gets a zero row as company: see _product.
+    w_t = torch.zeros(max(m, 2), n, dtype=acc)  # => [rows, inputs]
+    w_t[:m] = torch.from_numpy(np.ascontiguousarray(p.fit.weights.T))
     latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
     everything, fixed = list(range(n)), [latest if latest is not None else n]
 
     total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
     done = 0
     slices = list(_slices(p.entries, n, m))
-    capacity = max((s.count * (m * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
+    rows = len(w_t)
+    capacity = max((s.count * (rows * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
     # Three threads: one maps (or reads) slice k+1 while this one multiplies slice k and a third writes
     # slice k-1. The products run on this thread alone: a thread team for them would only contend for
     # the cores (measured ~50x slower under load).
@@ -402,7 +405,7 @@ def stream(
                 futures[k + 1] = fetch(k + 1)  # the other reader: slice k-1 is done with it
             groups = futures.pop(k).result()
             if s.averaged:
-                y = writer.buffer((m, s.count), out_dtype)  # => [targets, count]
+                y = writer.buffer((rows, s.count), out_dtype)  # => [rows, count]: row j goes to sink j
                 _product(w_t, groups, y)
                 if not allow_nonfinite and not _all_finite(y):
                     raise _nonfinite(p, s, readers[k % 2], out_dtype)
@@ -422,17 +425,26 @@ def _quietly(close: Callable[[], None]) -> None:
 
 
 def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], out: torch.Tensor) -> None:
-    """``out = Wᵀ X`` summed over the groups of input rows (one group in the common case)."""
-    y = out if out.dtype == w_t.dtype else torch.empty(out.shape, dtype=w_t.dtype)
+    """``out = Wᵀ X`` summed over the groups of input rows (one group in the common case).
+
+    A target's values must not depend on which other targets share the pass, nor on
+    where the slices end. BLAS rounds a product with a side of length 1 differently
+    (a matrix-vector kernel), so neither side may be 1: ``w_t`` has at least two rows,
+    and a one-element slice is computed next to a copy of itself.
+    """
+    single = out.shape[1] == 1
+    shape = (out.shape[0], 2) if single else out.shape
+    y = out if out.dtype == w_t.dtype and not single else torch.empty(shape, dtype=w_t.dtype)
     for g, (members, x) in enumerate(groups):
-        w = w_t[:, members]  # => [targets, len(members)]
+        w = w_t[:, members]  # => [rows, len(members)]
         x = x if x.dtype == w_t.dtype else x.to(w_t.dtype)
+        x = torch.cat([x, x], dim=1) if single else x
         if g == 0:
             torch.mm(w, x, out=y)
         else:
             y.addmm_(w, x)
     if y is not out:
-        out.copy_(y)  # rounds to the output dtype
+        out.copy_(y[:, :1] if single else y)  # rounds to the output dtype
 
 
 def _all_finite(y: torch.Tensor) -> bool:
