@@ -10,6 +10,7 @@ tensor without ever holding a whole file in memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -19,6 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from types import TracebackType
+from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so concurrent writers of one file go unnoticed there
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -243,6 +250,68 @@ def output_error(path: Path, e: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write ({e.strerror})", "check the path and run again")
 
 
+def _claim(tmp: Path, path: Path) -> BinaryIO:
+    """Create ``tmp`` for writing, exclusively and locked, so that two runs writing ``path``
+    at once cannot take over each other's temp file.
+
+    A leftover ``tmp`` that no process holds locked is from a run that died: removed.
+    One still locked belongs to a live run: :class:`OutputError`. Creating with "x"
+    never follows a symlink planted under the temp name.
+    """
+    for _ in range(8):
+        try:
+            file = open(tmp, "xb")
+        except FileExistsError:
+            _remove_if_stale(tmp, path)
+            continue
+        # Another run may have locked (and removed) our file before we locked it: then retry.
+        if _lock(file.fileno()) and os.fstat(file.fileno()).st_nlink:
+            return file
+        file.close()
+    raise _busy(tmp, path)
+
+
+def _remove_if_stale(tmp: Path, path: Path) -> None:
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return
+    except OSError:  # a symlink or a file we cannot read: not a live run's, remove the name
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        return
+    try:
+        if not _lock(fd):
+            raise _busy(tmp, path)
+        ours = os.fstat(fd)
+        with contextlib.suppress(FileNotFoundError):
+            now = os.lstat(tmp)
+            if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):  # still the file we locked
+                os.unlink(tmp)
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int) -> bool:
+    """Take the advisory lock of ``fd``'s file; False when another open file holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks: write unprotected, as most tools do
+        pass
+    return True
+
+
+def _busy(tmp: Path, path: Path) -> OutputError:
+    return OutputError(
+        f"{path} is being written by another run (its temporary file {tmp.name} is in use)",
+        "wait for that run to finish, or choose another output",
+    )
+
+
 class AtomicWriter:
     """Stream a safetensors file tensor by tensor; it appears under its name only when complete.
 
@@ -277,14 +346,10 @@ class AtomicWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % _ALIGN)
         self._started = self._position = 8 + len(text)  # file offsets: write-back started up to _started
+        self._owned = False  # whether self.tmp is ours to remove
         try:
-            # A stale temp file is removed, then ours is created exclusively ("x"): a symlink
-            # planted under the temp name is never followed, so we write only our own file.
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
-            self._file = open(self.tmp, "xb")
+            self._file = _claim(self.tmp, self.path)
+            self._owned = True
             self._file.write(len(text).to_bytes(8, "little") + text)
         except OSError as e:
             self.abort()
@@ -326,11 +391,14 @@ class AtomicWriter:
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
+            if fcntl is None:
+                self._file.close()  # Windows renames no open file; there is no lock to keep either
             if self.overwrite:
                 os.replace(self.tmp, self.path)
             else:
                 self._link_into_place()
+            self._owned = False
+            self._file.close()  # releases the lock only now: until the rename, the temp file is ours
         except FileExistsError as e:
             self.abort()
             raise OutputError(f"{self.path} already exists", "use --force to overwrite it, or choose another name") from e
@@ -358,16 +426,18 @@ class AtomicWriter:
 
     def abort(self) -> None:
         """Drop the temporary file; the final path is left as it was."""
+        if self._owned:  # (a temp file of another run's is never removed)
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self._owned = False
         file = getattr(self, "_file", None)
         if file is not None and not file.closed:
             try:
                 file.close()  # flushes what is buffered: fails again on a full disk
             except OSError:
                 pass
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
 
     def __enter__(self) -> AtomicWriter:
         return self

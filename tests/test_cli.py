@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from posthoc_cli import beta_to_sigma_rel, load_synthesized, scan
 from posthoc_cli.cli import app
-from posthoc_cli.container import load_tensors, write_file
+from posthoc_cli.container import AtomicWriter, load_tensors, write_file
 from posthoc_cli.snapshots import METADATA_KEY, Snapshot
 
 SIGMA_REL_MAX = 12**-0.5
@@ -246,6 +246,30 @@ def test_existing_output_among_several_targets_writes_none(recorded, work):
     assert result.exit_code == 1
     assert "ema-s0.200-t200.safetensors already exists" in error_line(result)
     assert files(folder) == {"ema-s0.200-t200.safetensors": b"keep me"}
+
+
+def test_two_runs_writing_one_output_never_mix(recorded, work):
+    """A live run's temp file is locked: a second run writing the same output stops instead of
+    taking it over (which could put half a file under the final name); a dead run's is replaced."""
+    out = work / "ema.safetensors"
+    other = AtomicWriter(out, [("w", "F32", (4,))], {})  # another run, part-way through this output
+    try:
+        result = run("synthesize", recorded, "-s", 0.15, "--out", out)
+        assert result.exit_code == 1
+        assert error_line(result) == (
+            f"Error: {out} is being written by another run (its temporary file ema.safetensors.tmp is in use)"
+            " — wait for that run to finish, or choose another output"
+        )
+        other.write(torch.arange(4.0))
+        other.commit()
+    finally:
+        other.abort()
+    assert torch.equal(safetensors.torch.load_file(out)["w"], torch.arange(4.0))  # the other run's file, whole
+    (work / "ema.safetensors.tmp").write_bytes(b"left by a run that died")  # no lock held on it
+    result = run("synthesize", recorded, "-s", 0.15, "--out", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert set(files(work)) == {"ema.safetensors"}
+    assert safetensors.torch.load_file(out).keys() == load_synthesized(recorded, 0.15).keys()
 
 
 def test_output_under_a_regular_file_is_not_writable(recorded, work):
