@@ -136,8 +136,11 @@ def synthesize(
         int | None, typer.Option("--step", "-t", help="Target training time (default: the latest snapshot).")
     ] = None,
     out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output file (one target) or folder (several). Default: current folder."),
+        str | None,  # a str, not a Path: a trailing slash ("--out new/") says "a folder"
+        typer.Option(
+            "--out", "-o", metavar="PATH",
+            help="Output file (one target) or folder (several, or a path ending in /). Default: current folder.",
+        ),
     ] = None,
     dtype: Annotated[
         str | None, typer.Option(help="Output dtype: float32, float16 or bfloat16 (default: the snapshots').")

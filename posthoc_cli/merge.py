@@ -491,11 +491,13 @@ def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str
 
 
 def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
-    """One target: ``out`` is the file. Several: ``out`` is a folder. Default: the current folder."""
+    """One target: ``out`` is the file, unless it is a folder or ends with a slash. Several: ``out``
+    is a folder. Default: the current folder."""
     names = [synthesized_name(s, p.t) for s in p.sigma_rels]
     if len(names) != len(set(names)):
         raise InvalidValueError("the same sigma_rel is asked for twice", "give each --sigma-rel once")
-    if len(p.sigma_rels) == 1 and out is not None and not Path(out).is_dir():
+    folder_named = out is not None and str(out).endswith(("/", os.sep))  # Path() would drop the slash
+    if len(p.sigma_rels) == 1 and out is not None and not Path(out).is_dir() and not folder_named:
         return [Path(out)]
     folder = Path(out) if out is not None else Path.cwd()
     if folder.suffix == SUFFIX and not folder.is_dir():

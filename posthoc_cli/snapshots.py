@@ -271,13 +271,17 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
 
 
 def layout_problems(snapshots: list[Snapshot]) -> list[str]:
-    """Disagreements in tensor names, shapes or dtypes between snapshots (empty when consistent)."""
+    """Disagreements in time unit, tensor names, shapes or dtypes between snapshots (empty when consistent)."""
     if not snapshots:
         return []
     problems = []
     ref = snapshots[-1]
     ref_layout = {n: (e.code, e.shape) for n, e in ref.tensors.items()}
     for snap in snapshots[:-1]:
+        if snap.time_unit != ref.time_unit:  # its t is on another scale: the weights would be wrong
+            detail = f"its time unit is {snap.time_unit!r}, not {ref.time_unit!r}"
+            problems.append(f"{snap.path.name} disagrees with {ref.path.name}: {detail}")
+            continue
         layout = {n: (e.code, e.shape) for n, e in snap.tensors.items()}
         if layout == ref_layout:
             continue

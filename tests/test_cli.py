@@ -200,14 +200,19 @@ def _disagree_dtypes(snap: Snapshot) -> None:
     rewrite(snap, tensors, dtype="float16")
 
 
+def _disagree_time_unit(snap: Snapshot) -> None:
+    rewrite(snap, load_tensors(snap.header), time_unit="sample")
+
+
 @pytest.mark.parametrize(
     ("change", "detail"),
     [
         (_disagree_names, "lacks 'fc2.bias'"),
         (_disagree_shapes, "tensor 'fc1.weight' is F32[16, 4], not F32[16, 8]"),
         (_disagree_dtypes, "is F16[16, 8], not F32[16, 8]"),
+        (_disagree_time_unit, "its time unit is 'sample', not 'step'"),
     ],
-    ids=["names", "shapes", "dtypes"],
+    ids=["names", "shapes", "dtypes", "time_unit"],
 )
 def test_snapshots_that_disagree(recorded, work, change, detail):
     snap = scan(recorded).series[0.05][2]
@@ -246,6 +251,13 @@ def test_existing_output_among_several_targets_writes_none(recorded, work):
     assert result.exit_code == 1
     assert "ema-s0.200-t200.safetensors already exists" in error_line(result)
     assert files(folder) == {"ema-s0.200-t200.safetensors": b"keep me"}
+
+
+def test_out_ending_with_a_slash_is_a_folder(recorded, work):
+    result = run("synthesize", recorded, "-s", 0.15, "--out", "new/")
+    assert result.exit_code == 0, result.output
+    assert set(files(work)) == {"ema-s0.150-t200.safetensors"}
+    assert (work / "new" / "ema-s0.150-t200.safetensors").is_file()
 
 
 def test_two_runs_writing_one_output_never_mix(recorded, work):
