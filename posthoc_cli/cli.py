@@ -43,6 +43,7 @@ from .errors import CatalogueError, InvalidValueError, PosthocError
 from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
 from .profiles import (
     SIGMA_REL_MAX,
+    SIGMA_REL_MIN,
     beta_half_life,
     beta_std_steps,
     beta_to_sigma_rel,
@@ -358,12 +359,14 @@ def _classical(beta: float, steps: int, update_every: int) -> tuple[float, float
     """(sigma_rel, weight left on the initial weights, whether a power-function EMA can match it)."""
     sigma_rel = beta_to_sigma_rel(beta, steps, update_every)
     initial = beta ** (steps // update_every)
-    return sigma_rel, initial, sigma_rel < SIGMA_REL_MAX and initial < MOSTLY_INITIAL
+    return sigma_rel, initial, SIGMA_REL_MIN <= sigma_rel < SIGMA_REL_MAX and initial < MOSTLY_INITIAL
 
 
 def _unreachable(sigma_rel: float, initial: float) -> str:
     if initial >= MOSTLY_INITIAL:
         return f"the EMA is still {initial:.0%} initial weights: no power-function EMA matches it"
+    if sigma_rel < SIGMA_REL_MIN:
+        return f"sigma_rel {sigma_rel:.4g} < {SIGMA_REL_MIN:g}: the latest weights, shorter than any power-function EMA"
     return f"sigma_rel {sigma_rel:.4g} ≥ 1/√12 = {SIGMA_REL_MAX:.4f}: no power-function EMA is that long"
 
 
@@ -398,15 +401,11 @@ def beta_to_sigma(
                             "use a smaller beta or a longer run", 1)
             sys.stdout.write(f"{sigma_rel:.6g}\n")
             return
-        console = _stdout()
-        every = "every step" if update_every == 1 else f"every {update_every} steps"
-        console.print(f"Classical EMA with beta = {beta:g}, updated {every}")
-        console.print(f"  half-life {half_life:,.1f} steps; standard deviation of its profile {std:,.1f} steps\n")
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for header in ("training length T", "sigma_rel", "gamma", ""):
             table.add_column(header, justify="right" if header else "left")
         first = max(2, int(math.floor(math.log10(std))))
-        for exponent in range(first, first + 5):
+        for exponent in range(first, first + 5):  # every row is computed before anything is printed
             t = 10**exponent
             if t < update_every:
                 continue
@@ -415,6 +414,10 @@ def beta_to_sigma(
                 table.add_row(f"{t:,}", f"{sigma_rel:.4g}", f"{sigma_rel_to_gamma(sigma_rel):.2f}", "")
             else:
                 table.add_row(f"{t:,}", "-", "-", _unreachable(sigma_rel, initial))
+        console = _stdout()
+        every = "every step" if update_every == 1 else f"every {update_every} steps"
+        console.print(f"Classical EMA with beta = {beta!r}, updated {every}")
+        console.print(f"  half-life {half_life:,.1f} steps; standard deviation of its profile {std:,.1f} steps\n")
         console.print(table)
         console.print(
             "\nsigma_rel is relative to the training length: the same beta is a relatively longer EMA in a "
@@ -436,7 +439,7 @@ def sigma_to_beta(
     """
     with _user_errors():
         check_sigma_rel(sigma_rel)
-        sys.stdout.write(f"{sigma_rel_to_beta(sigma_rel, steps, update_every):.12g}\n")
+        sys.stdout.write(f"{sigma_rel_to_beta(sigma_rel, steps, update_every)!r}\n")  # repr: exact round trip
 
 
 # -- demo -------------------------------------------------------------------------------------------

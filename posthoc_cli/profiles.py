@@ -24,7 +24,7 @@ from .errors import InvalidValueError
 
 SIGMA_REL_MAX: float = 12**-0.5  # sigma_rel of gamma = 0 (a uniform average)
 # Below this, sigma_rel⁻² and gamma³ leave float range; such EMAs (gamma ~ 1e100) are no use anyway.
-_SIGMA_REL_MIN = 1e-100
+SIGMA_REL_MIN: float = 1e-100
 
 # Relative cut-off for the singular values of the equilibrated Gram matrix
 # (lstsq's rcond). Its entries carry ~1e-16 relative rounding; directions below
@@ -64,7 +64,7 @@ def check_sigma_rel(sigma_rel: float) -> float:
     s = float(sigma_rel)
     if not (math.isfinite(s) and 0.0 < s < SIGMA_REL_MAX):
         raise InvalidValueError(
-            f"sigma_rel {sigma_rel!r} is out of range",
+            f"sigma_rel {s!r} is out of range",
             f"choose a value in (0, {SIGMA_REL_MAX:.4f}); values ≥ 1/√12 have no power-function profile",
         )
     return s
@@ -77,8 +77,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     6.94
     """
     s = check_sigma_rel(sigma_rel)
-    if s < _SIGMA_REL_MIN:
-        raise InvalidValueError(f"sigma_rel {sigma_rel!r} is too small", f"use a value of at least {_SIGMA_REL_MIN:g}")
+    if s < SIGMA_REL_MIN:
+        raise InvalidValueError(f"sigma_rel {s!r} is too small", f"use a value of at least {SIGMA_REL_MIN:g}")
     c = s**-2
     # Eq. 126: gamma is the largest real root of g³ + 7g² + (16 − c)g + (12 − c),
     # i.e. of f(g) = (g+2)²(g+3) − c(g+1). f(0) = 12 − c < 0 in the valid range
@@ -398,8 +398,14 @@ def sigma_rel_to_beta(sigma_rel: float, steps: int, update_every: int = 1) -> fl
     peak = spread(beta_peak)
     # The search pins the peak's value only to rounding: accept values a hair above.
     if not (math.isfinite(s) and 0.0 < s <= peak * (1.0 + 1e-12)):
+        if math.isfinite(s) and 0.0 < s < SIGMA_REL_MAX and n * (1.0 - beta_peak) > 10.0:
+            # The spread peaks near n(1 − beta) ≈ 1, but no float64 beta is that close to 1.
+            raise InvalidValueError(
+                f"sigma_rel {s!r} after {t} steps needs a decay closer to 1 than a float64 can hold",
+                "give the training length in coarser units (e.g. per 1,000 steps) or use --update-every",
+            )
         raise InvalidValueError(
-            f"sigma_rel {sigma_rel!r} is not reachable by a constant-beta EMA after {t} steps "
+            f"sigma_rel {s!r} is not reachable by a constant-beta EMA after {t} steps "
             f"updated every {k}",
             f"choose a value in (0, {peak:.4g}]" if peak > 0 else "train for at least update_every steps",
         )
@@ -417,13 +423,14 @@ def sigma_rel_to_beta(sigma_rel: float, steps: int, update_every: int = 1) -> fl
     beta = b_hi if abs(spread(b_hi) - s) <= abs(spread(b_lo) - s) else b_lo
     if beta <= 0.0:  # the decay would underflow: an EMA that short is just the latest weights
         raise InvalidValueError(
-            f"sigma_rel {sigma_rel!r} is too small for a constant-beta EMA after {t} steps", "use a larger sigma_rel"
+            f"sigma_rel {s!r} is too small for a constant-beta EMA after {t} steps", "use a larger sigma_rel"
         )
     return beta
 
 
 __all__ = [
     "SIGMA_REL_MAX",
+    "SIGMA_REL_MIN",
     "Fit",
     "beta_half_life",
     "beta_std_steps",

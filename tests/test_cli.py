@@ -512,6 +512,24 @@ def test_sigma_to_beta_rejects_invalid_lengths(sigma_rel):
     assert "is out of range" in error_line(result)
 
 
+@pytest.mark.parametrize("steps", [100_000, 10**11])
+def test_sigma_to_beta_prints_a_beta_that_round_trips(steps):
+    beta = float(run("sigma-to-beta", 0.1, "--steps", steps).stdout)
+    assert math.isclose(beta_to_sigma_rel(beta, steps), 0.1, rel_tol=1e-6)
+
+
+def test_sigma_to_beta_says_when_float64_runs_out():
+    result = run("sigma-to-beta", 0.05, "--steps", 10**18)
+    assert result.exit_code == 2
+    assert "needs a decay closer to 1 than a float64 can hold" in error_line(result)
+
+
+def test_beta_to_sigma_table_for_a_tiny_beta_flags_every_row():
+    result = run("beta-to-sigma", 1e-300)
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout.count("shorter than any power-function EMA") == 5
+
+
 def test_sigma_to_beta_needs_steps():
     assert run("sigma-to-beta", 0.1).exit_code == 2
 

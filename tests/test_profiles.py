@@ -388,3 +388,11 @@ def test_half_life() -> None:
     assert beta_half_life(0.5) == 1.0
     assert beta_half_life(0.5, update_every=4) == 4.0
     assert 0.999 ** beta_half_life(0.999) == pytest.approx(0.5)
+
+
+def test_messages_show_plain_numbers():
+    """A numpy scalar passed in is named as the number the user gave, not as np.float64(...)."""
+    with pytest.raises(InvalidValueError, match=r"^sigma_rel 1e-300 is too small"):
+        sigma_rel_to_gamma(np.float64(1e-300))
+    with pytest.raises(InvalidValueError, match=r"^sigma_rel 0\.5 is out of range"):
+        check_sigma_rel(np.float64(0.5))
