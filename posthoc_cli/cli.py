@@ -540,16 +540,29 @@ def _root(
     """Post-hoc EMA: record a few EMAs during training, choose the EMA length afterwards."""
 
 
+# Click's UsageError, from whichever click Typer runs on (recent Typer vendors its own copy).
+_USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
+
+
 def main() -> None:
     """Console-script entry point: run the app; a stray PosthocError still becomes one ``Error:`` line."""
     try:
-        app(prog_name="posthoc-ema")
+        code = app(prog_name="posthoc-ema", standalone_mode=False)  # errors come here, not to Typer's boxes
+    except _USAGE_ERROR as e:  # unparsable option, missing argument, ...: one line like every error
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `posthoc-ema`: the help, as before
+            app(prog_name="posthoc-ema", args=["--help"], standalone_mode=False)
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "posthoc-ema"
+        _say(f"Error: {' '.join(e.format_message().split())} — see '{where} --help'")  # type: ignore[attr-defined]
+        sys.exit(getattr(e, "exit_code", 2))
     except PosthocError as e:
         _say(f"Error: {e}")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         _say("Error: interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

@@ -120,6 +120,27 @@ def test_inspect_and_classical_ema_helpers(runs, tmp_path):
     assert out.startswith("[0.0099") and out.endswith("]\n")
 
 
+@pytest.mark.parametrize(
+    ("args", "start"),
+    [
+        (["synthesize", "-s", "abc"], "Error: Invalid value for '--sigma-rel'"),
+        (["beta-to-sigma"], "Error: Missing argument 'BETA'"),
+        (["beta-to-sigma", "0.999", "--steps", "0"], "Error: Invalid value for '--steps'"),
+        (["synthesize", "--bogus"], "Error: No such option: --bogus"),
+        (["bogus"], "Error: No such command 'bogus'"),
+    ],
+)
+def test_command_line_mistakes_get_one_error_line(tmp_path, args, start):
+    result = cli(*args, cwd=tmp_path, check_rc=2)
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(start) and result.stderr.rstrip().endswith("--help'")
+
+
+def test_bare_command_shows_the_help(tmp_path):
+    result = cli(cwd=tmp_path, check_rc=2)
+    assert "synthesize" in result.stdout and "beta-to-sigma" in result.stdout
+
+
 def test_python_dash_m_runs_the_cli(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "posthoc_cli", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True
