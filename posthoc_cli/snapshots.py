@@ -260,7 +260,9 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
             catalogue.broken.append(Skipped(path, f"cannot read ({e.strerror})"))
             continue
         if same:
-            catalogue.ignored.append(Skipped(path, f"duplicate of {twin.path.name}"))
+            if path.name == snapshot_name(snap.sigma_rel, snap.t):  # keep the Recorder's name, skip the copy
+                by_key[key], snap, twin = snap, twin, snap
+            catalogue.ignored.append(Skipped(snap.path, f"duplicate of {twin.path.name}"))
         else:
             catalogue.broken.append(
                 Skipped(path, f"differs from {twin.path.name}, another snapshot of sigma_rel {snap.sigma_rel} at t={snap.t}")

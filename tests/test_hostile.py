@@ -276,7 +276,7 @@ def test_duplicate_sigma_rel_and_t_with_different_contents_is_broken(folder, tmp
 
 def test_identical_duplicates_are_used_once(folder, tmp_path):
     reference = posthoc_cli.load_synthesized(folder, 0.07)
-    shutil.copy(folder / snapshot_name(0.05, 20), folder / "zz-backup-t20.safetensors")
+    shutil.copy(folder / snapshot_name(0.05, 20), folder / "a-backup-t20.safetensors")  # sorts first
     # same tensors, another header (`created` and `updates` differ): still the same snapshot
     meta = snapshot_metadata(sigma_rel=0.10, gamma=sigma_rel_to_gamma(0.10), t=30, time_unit="step", updates=7, dtype="float32")
     write_file(folder / "zz-rewritten-t30.safetensors", good_tensors(30).items(), meta)
@@ -286,6 +286,8 @@ def test_identical_duplicates_are_used_once(folder, tmp_path):
         "duplicate of ema-s0.050-t000000000020.safetensors",
         "duplicate of ema-s0.100-t000000000030.safetensors",
     ]
+    # the Recorder's file is the one used, the copy the one skipped, whichever sorts first
+    assert sorted(s.path.name for s in catalogue.ignored) == ["a-backup-t20.safetensors", "zz-rewritten-t30.safetensors"]
     again = posthoc_cli.load_synthesized(folder, 0.07)
     assert all(torch.equal(reference[k], again[k]) for k in reference)
     result = CliRunner().invoke(app, ["synthesize", str(folder), "-s", "0.07", "--out", str(tmp_path / "o.safetensors")])
