@@ -210,11 +210,16 @@ def _inputs_used(p: Plan, j: int) -> int:
 
 def _synthesis_warnings(p: Plan) -> list[str]:
     notes = list(p.warnings())
+    latest = p.fixed_from.t  # the last snapshot at or before the target time
     for sigma_rel, error in zip(p.sigma_rels, p.fit.profile_error):
         if error > POOR:
+            where = (  # the end of an EMA's profile lies after the last snapshot: nothing records it
+                f"--step {p.t} is after the last snapshot at or before it (t={latest}); use --step {latest}"
+                if latest < p.t
+                else "`posthoc-ema inspect` shows which lengths are faithful"
+            )
             notes.append(
-                f"sigma_rel {sigma_rel}: profile error {error:.2g} — the snapshots represent this length only roughly; "
-                "`posthoc-ema inspect` shows which lengths are faithful"
+                f"sigma_rel {sigma_rel}: profile error {error:.2g} — the snapshots represent this length only roughly; {where}"
             )
     if p.skipped_files:
         notes.append(f"{p.skipped_files} file(s) in {p.folder} are not snapshots and were ignored (see `posthoc-ema inspect`)")

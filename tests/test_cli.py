@@ -127,6 +127,10 @@ def test_step_inside_range_uses_only_earlier_snapshots(recorded, work):
     doc = json.loads(result.stdout)
     assert doc["t"] == 100 and max(i["t"] for i in doc["inputs"]) <= 100
     assert (work / "ema-s0.150-t100.safetensors").exists()
+    # between two snapshot times: the end of the profile is not recorded, and the warning says what to do
+    result = run("synthesize", recorded, "-s", 0.15, "--step", 110)
+    assert result.exit_code == 0, result.output
+    assert "--step 110 is after the last snapshot at or before it (t=100); use --step 100" in result.stderr
 
 
 def test_single_recorded_sigma_rel(tmp_path, work, record):
