@@ -265,31 +265,47 @@ def _claim(tmp: Path, path: Path) -> BinaryIO:
             _remove_if_stale(tmp, path)
             continue
         # Another run may have locked (and removed) our file before we locked it: then retry.
-        if _lock(file.fileno()) and os.fstat(file.fileno()).st_nlink:
-            return file
+        try:
+            if _lock(file.fileno()) and os.fstat(file.fileno()).st_nlink:
+                return file
+        except BaseException:
+            file.close()
+            raise
         file.close()
     raise _busy(tmp, path)
 
 
 def _remove_if_stale(tmp: Path, path: Path) -> None:
+    # Opened read-write: NFS grants an exclusive lock only on a file open for writing.
     try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(tmp, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         return
-    except OSError:  # a symlink or a file we cannot read: not a live run's, remove the name
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except OSError as e:
+        try:
+            regular = S_ISREG(os.lstat(tmp).st_mode)
+        except FileNotFoundError:
+            return
+        if regular:  # a file we may not open may be another user's live run: never remove it blindly
+            raise OutputError(
+                f"{path}: cannot check its temporary file {tmp.name} ({e.strerror})",
+                f"remove {tmp} if no run is writing it",
+            ) from e
+        os.unlink(tmp)  # a symlink or a special file: no run's temp file (a folder fails here, cleanly)
         return
     try:
         if not _lock(fd):
             raise _busy(tmp, path)
         ours = os.fstat(fd)
         with contextlib.suppress(FileNotFoundError):
-            now = os.lstat(tmp)
-            if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):  # still the file we locked
+            if _identity(os.lstat(tmp)) == _identity(ours):  # still the file we locked
                 os.unlink(tmp)
     finally:
         os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _lock(fd: int) -> bool:
@@ -300,8 +316,10 @@ def _lock(fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
-    except OSError:  # a file system without locks: write unprotected, as most tools do
-        pass
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        # A file system without locks: written unprotected, as most tools do.
     return True
 
 
@@ -391,6 +409,7 @@ class AtomicWriter:
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
+            self._check_still_ours()
             if fcntl is None:
                 self._file.close()  # Windows renames no open file; there is no lock to keep either
             if self.overwrite:
@@ -407,6 +426,16 @@ class AtomicWriter:
             raise output_error(self.path, e) from e
         _fsync_dir(self.path.parent)
         return self.path
+
+    def _check_still_ours(self) -> None:
+        # Where locks do not work, another run may have replaced our temp file: never rename theirs.
+        try:
+            now = _identity(os.lstat(self.tmp))
+        except FileNotFoundError:
+            now = None
+        if now != _identity(os.fstat(self._file.fileno())):
+            self._owned = False
+            raise _busy(self.tmp, self.path)
 
     def _link_into_place(self) -> None:
         # A hard link never replaces an existing file: refusing to clobber stays atomic.

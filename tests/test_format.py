@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 
 import pytest
@@ -10,7 +12,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from posthoc_cli import Recorder, __version__, load_synthesized, scan, synthesize
+from posthoc_cli import OutputError, Recorder, __version__, load_synthesized, scan, synthesize
+from posthoc_cli import container
 from posthoc_cli.container import (
     CODES,
     AtomicWriter,
@@ -212,6 +215,27 @@ def test_writer_never_follows_a_symlink_planted_at_its_temp_name(tmp_path):
     write_file(out, [("w", torch.ones(3))], {})
     assert victim.read_text() == "precious"
     assert not out.is_symlink() and torch.equal(safetensors.torch.load_file(out)["w"], torch.ones(3))
+
+
+@pytest.mark.skipif(container.fcntl is None, reason="no advisory locks on this system")
+def test_a_live_writers_temp_file_is_never_taken_over(tmp_path, monkeypatch):
+    """Also where exclusive locks need a file open for writing (NFS emulates flock so)."""
+    fcntl, real_flock = container.fcntl, container.fcntl.flock
+
+    def nfs_flock(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    out = tmp_path / "ema.safetensors"
+    first = AtomicWriter(out, [("w", "F32", (4,))], {})
+    with pytest.raises(OutputError, match="is being written by another run"):
+        AtomicWriter(out, [("w", "F32", (4,))], {}, overwrite=True)
+    first.write(torch.arange(4.0))
+    first.commit()
+    assert torch.equal(safetensors.torch.load_file(out)["w"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors"]
 
 
 def test_synthesized_output_header_is_a_plain_loadable_state_dict(tmp_path):
