@@ -257,32 +257,40 @@ class _Reader:
         if len(inputs) * s.width >= _PREFETCH_BYTES:
             for i in inputs:  # all files at once: a cold disk gets a deep queue instead of one read at a time
                 self.files.prefetch(i, s.entry.name, s.offset, s.width)
+        parts = self._parts(s, inputs)
         if self._rows is not None and s.averaged and s.width >= _MAP_MIN_BYTES:
             try:
-                mapped = self._mapped(s, inputs)
+                mapped = self._mapped(s, parts)
             except OSError:  # e.g. a file system that cannot map files: read from now on
                 self._rows.close()
                 self._rows = None
             else:
                 if mapped is not None:
                     return mapped
-        return [(inputs, self.read(s, inputs))]
+        x = self.read(s, [i for members in parts for i in members])
+        return [(members, rows) for members, rows in zip(parts, x.split([len(m) for m in parts]))]
 
-    def _mapped(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]] | None:
+    def _parts(self, s: _Slice, inputs: list[int]) -> list[list[int]]:
+        """``inputs`` grouped by where the tensor starts within a page, in that order.
+
+        Mapped rows share one stride, so inputs whose data sits at other positions in
+        a page (headers of other lengths) are multiplied group by group. The groups
+        depend only on the files, and read slices are summed group by group too, so
+        the sums do not depend on where slices end or on how they were fetched.
+        """
+        def phase(i: int) -> int:
+            return self.files.snaps[i].tensors[s.entry.name].begin % mapping.PAGE
+
+        return [list(run) for _, run in itertools.groupby(sorted(inputs, key=phase), key=phase)]
+
+    def _mapped(self, s: _Slice, parts: list[list[int]]) -> list[tuple[list[int], torch.Tensor]] | None:
         assert self._rows is not None
-        sources = {i: self.files.source(i, s.entry.name, s.offset, s.width) for i in inputs}
+        sources = {i: self.files.source(i, s.entry.name, s.offset, s.width) for members in parts for i in members}
         if any(offset % s.entry.dtype.itemsize for _, offset in sources.values()):
             return None  # an unaligned tensor cannot be viewed in place
-
-        def phase(i: int) -> int:
-            return sources[i][1] % mapping.PAGE
-
-        # Rows share one stride, so inputs whose slices sit at different positions within a
-        # page (headers of other lengths) form separate groups, each a product of its own.
         groups: list[tuple[list[int], torch.Tensor]] = []
         first = 0  # slots are filled group after group
-        for _, run in itertools.groupby(sorted(inputs, key=phase), key=phase):
-            members = list(run)
+        for members in parts:
             x = self._rows.view(first, [sources[i] for i in members], s.width)
             groups.append((members, x.view(s.entry.dtype)))
             first += len(members)

@@ -91,17 +91,27 @@ def test_mapped_equals_read(wide, tmp_path, monkeypatch, slice_bytes):
 
 @needs_mapping
 def test_headers_of_other_lengths(wide, tmp_path, monkeypatch):
-    """Snapshots whose data starts at other positions in a page (or unaligned) still sum correctly."""
+    """Snapshots whose data starts at other positions in a page (or unaligned) still sum correctly,
+    and to the same bits read or mapped, alone or with other targets, in slices of any size."""
+    expected = synthesized(wide, [0.12], tmp_path / "a.safetensors", monkeypatch, mapped=False)[0]
     folder = Path(shutil.copytree(wide, tmp_path / "ckpts"))
     files = sorted(folder.glob("*.safetensors"))
     for k, path in enumerate(files):
         repad(path, [0, 8, 4096 + 16, 24][k % 4])  # four groups of rows at different page positions
-    repad(files[-1], 1)  # the latest one with its data at an odd offset: read, not mapped
-    expected = synthesized(wide, [0.12], tmp_path / "a.safetensors", monkeypatch, mapped=False)[0]
-    for mapped in (True, False):
-        got = synthesized(folder, [0.12], tmp_path / "b.safetensors", monkeypatch, mapped=mapped)[0]
-        for name, tensor in expected.items():
+    for odd in (False, True):
+        if odd:
+            repad(files[-1], 1)  # the latest one with its data at an odd offset: read, not mapped
+        got = synthesized(folder, [0.12], tmp_path / "b.safetensors", monkeypatch, mapped=True)[0]
+        for name, tensor in expected.items():  # summed group by group: rounded a little differently
             torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7)
+        cases = [(False, [0.12], merge.SLICE_BYTES), (True, [0.05, 0.12, 0.2], merge.SLICE_BYTES), (True, [0.12], 40 * 4096 + 12)]
+        for mapped, targets, slice_bytes in cases:
+            monkeypatch.setattr(merge, "SLICE_BYTES", slice_bytes)
+            out = tmp_path / "c"
+            again = synthesized(folder, targets, out / "c.safetensors" if len(targets) == 1 else out, monkeypatch, mapped=mapped)
+            for name, tensor in got.items():
+                assert torch.equal(again[targets.index(0.12)][name], tensor), (odd, mapped, targets, slice_bytes, name)
+        monkeypatch.undo()
 
 
 @needs_mapping
