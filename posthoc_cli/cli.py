@@ -402,8 +402,9 @@ def beta_to_sigma(
         if steps is not None:
             sigma_rel, initial, ok = _classical(beta, steps, update_every)
             if not ok:
+                longer = sigma_rel < SIGMA_REL_MIN  # too short an EMA, not too long
                 raise _fail(f"beta {beta} after {steps} steps: {_unreachable(sigma_rel, initial)} — "
-                            "use a smaller beta or a longer run", 1)
+                            f"use {'a larger beta or a shorter run' if longer else 'a smaller beta or a longer run'}", 1)
             sys.stdout.write(f"{sigma_rel:.6g}\n")
             return
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
@@ -547,6 +548,7 @@ def _root(
 
 # Click's UsageError, from whichever click Typer runs on (recent Typer vendors its own copy).
 _USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
+_COMMANDS = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback is not None}
 
 
 def main() -> None:
@@ -554,12 +556,14 @@ def main() -> None:
     try:
         code = app(prog_name="posthoc-ema", standalone_mode=False)  # errors come here, not to Typer's boxes
     except _USAGE_ERROR as e:  # unparsable option, missing argument, ...: one line like every error
-        if type(e).__name__ == "NoArgsIsHelpError":  # bare `posthoc-ema`: the help, as before
-            app(prog_name="posthoc-ema", args=["--help"], standalone_mode=False)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `posthoc-ema`: the help is printed already
             sys.exit(2)
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "posthoc-ema"
-        _say(f"Error: {' '.join(e.format_message().split())} — see '{where} --help'")  # type: ignore[attr-defined]
+        if ctx is None and len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:  # e.g. an option missing its value
+            where += f" {sys.argv[1]}"
+        message = " ".join(e.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+        _say(f"Error: {message} — see '{where} --help'")
         sys.exit(getattr(e, "exit_code", 2))
     except PosthocError as e:
         _say(f"Error: {e}")

@@ -153,12 +153,12 @@ def run_demo(
     root = Path(folder)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise OutputError(f"{root} already exists and is not an empty folder", "pass a new folder to --out")
+    if steps < 2 * snapshot_every:
+        raise InvalidValueError(f"steps={steps} is too short", f"train for at least {2 * snapshot_every} steps")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create {root} ({e.strerror})", "pass another folder to --out") from e
-    if steps < 2 * snapshot_every:
-        raise InvalidValueError(f"steps={steps} is too short", f"train for at least {2 * snapshot_every} steps")
     report = progress or (lambda stage, done, total: None)
     with _threads(threads):
         data = _data(seed)

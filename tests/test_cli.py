@@ -528,6 +528,12 @@ def test_sigma_to_beta_says_when_float64_runs_out():
     assert "needs a decay closer to 1 than a float64 can hold" in error_line(result)
 
 
+def test_beta_to_sigma_too_short_an_ema_says_which_way_to_go():
+    result = run("beta-to-sigma", 1e-300, "--steps", 1000)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert error_line(result).endswith("shorter than any power-function EMA — use a larger beta or a shorter run")
+
+
 def test_beta_to_sigma_table_for_a_tiny_beta_flags_every_row():
     result = run("beta-to-sigma", 1e-300)
     assert result.exit_code == 0 and result.stderr == ""
@@ -564,6 +570,18 @@ def test_demo_refuses_a_folder_in_use(recorded):
     result = run("demo", "--out", recorded)
     assert result.exit_code == 1
     assert error_line(result) == f"Error: {recorded} already exists and is not an empty folder — pass a new folder to --out"
+
+
+def test_demo_bad_arguments_create_nothing(tmp_path):
+    out = tmp_path / "demo"
+    result = run("demo", "--out", out, "--steps", 3)
+    assert result.exit_code == 2 and "is too short" in error_line(result)
+    assert not out.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("demo", "--out", blocker / "demo")
+    assert result.exit_code == 1
+    assert error_line(result).endswith("— pass another folder to --out")
 
 
 def test_demo_short_run(tmp_path):

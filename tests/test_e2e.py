@@ -127,7 +127,8 @@ def test_inspect_and_classical_ema_helpers(runs, tmp_path):
         (["beta-to-sigma"], "Error: Missing argument 'BETA'"),
         (["beta-to-sigma", "0.999", "--steps", "0"], "Error: Invalid value for '--steps'"),
         (["synthesize", "--bogus"], "Error: No such option: --bogus"),
-        (["bogus"], "Error: No such command 'bogus'"),
+        (["bogus"], "Error: No such command 'bogus' — see 'posthoc-ema --help'"),
+        (["synthesize", "--sigma-rel"], "Error: Option '--sigma-rel' requires an argument — see 'posthoc-ema synthesize --help'"),
     ],
 )
 def test_command_line_mistakes_get_one_error_line(tmp_path, args, start):
@@ -139,6 +140,7 @@ def test_command_line_mistakes_get_one_error_line(tmp_path, args, start):
 def test_bare_command_shows_the_help(tmp_path):
     result = cli(cwd=tmp_path, check_rc=2)
     assert "synthesize" in result.stdout and "beta-to-sigma" in result.stdout
+    assert result.stdout.count("Usage:") == 1  # once
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
