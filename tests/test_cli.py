@@ -522,8 +522,10 @@ def test_sigma_to_beta_prints_a_beta_that_round_trips(steps):
     assert math.isclose(beta_to_sigma_rel(beta, steps), 0.1, rel_tol=1e-6)
 
 
-def test_sigma_to_beta_says_when_float64_runs_out():
-    result = run("sigma-to-beta", 0.05, "--steps", 10**18)
+@pytest.mark.parametrize(("sigma_rel", "steps"), [(0.05, 10**18), (0.28, 10**16)])
+def test_sigma_to_beta_says_when_float64_runs_out(sigma_rel, steps):
+    """Refused, not answered 9% off: no float64 beta is close enough to 1."""
+    result = run("sigma-to-beta", sigma_rel, "--steps", steps)
     assert result.exit_code == 2
     assert "needs a decay closer to 1 than a float64 can hold" in error_line(result)
 
