@@ -402,9 +402,9 @@ def beta_to_sigma(
         if steps is not None:
             sigma_rel, initial, ok = _classical(beta, steps, update_every)
             if not ok:
-                longer = sigma_rel < SIGMA_REL_MIN  # too short an EMA, not too long
+                too_short = sigma_rel < SIGMA_REL_MIN  # the other failures are EMAs too long for the run
                 raise _fail(f"beta {beta} after {steps} steps: {_unreachable(sigma_rel, initial)} — "
-                            f"use {'a larger beta or a shorter run' if longer else 'a smaller beta or a longer run'}", 1)
+                            f"use {'a larger beta or a shorter run' if too_short else 'a smaller beta or a longer run'}", 1)
             sys.stdout.write(f"{sigma_rel:.6g}\n")
             return
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)

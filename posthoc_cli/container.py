@@ -296,16 +296,21 @@ def _remove_if_stale(tmp: Path, path: Path) -> None:
     try:
         if not _lock(fd):
             raise _busy(tmp, path)
-        ours = os.fstat(fd)
-        with contextlib.suppress(FileNotFoundError):
-            if _identity(os.lstat(tmp)) == _identity(ours):  # still the file we locked
+        if _names(tmp, fd):  # still the file we locked
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     finally:
         os.close(fd)
 
 
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` (not following a link) is the file open as ``fd``."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    ours = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _lock(fd: int) -> bool:
@@ -429,11 +434,7 @@ class AtomicWriter:
 
     def _check_still_ours(self) -> None:
         # Where locks do not work, another run may have replaced our temp file: never rename theirs.
-        try:
-            now = _identity(os.lstat(self.tmp))
-        except FileNotFoundError:
-            now = None
-        if now != _identity(os.fstat(self._file.fileno())):
+        if not _names(self.tmp, self._file.fileno()):
             self._owned = False
             raise _busy(self.tmp, self.path)
 

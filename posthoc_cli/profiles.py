@@ -397,14 +397,10 @@ def sigma_rel_to_beta(sigma_rel: float, steps: int, update_every: int = 1) -> fl
     beta_peak = -math.expm1((lo + hi) / 2.0)
     peak = spread(beta_peak)
     # The search pins the peak's value only to rounding: accept values a hair above.
-    # The spread peaks near n(1 − beta) ≈ 1, but no float64 beta may be that close to 1.
-    too_fine = InvalidValueError(
-        f"sigma_rel {s!r} after {t} steps needs a decay closer to 1 than a float64 can hold",
-        "give the training length in coarser units (e.g. per 1,000 steps) or use --update-every",
-    )
     if not (math.isfinite(s) and 0.0 < s <= peak * (1.0 + 1e-12)):
+        # The spread peaks near n(1 − beta) ≈ 1; far from it, no float64 beta was close enough to 1.
         if math.isfinite(s) and 0.0 < s < SIGMA_REL_MAX and n * (1.0 - beta_peak) > 10.0:
-            raise too_fine
+            raise _beyond_float64(s, t)
         raise InvalidValueError(
             f"sigma_rel {s!r} is not reachable by a constant-beta EMA after {t} steps "
             f"updated every {k}",
@@ -427,8 +423,15 @@ def sigma_rel_to_beta(sigma_rel: float, steps: int, update_every: int = 1) -> fl
             f"sigma_rel {s!r} is too small for a constant-beta EMA after {t} steps", "use a larger sigma_rel"
         )
     if abs(spread(beta) - s) > 1e-3 * s:  # adjacent float64 betas straddle it too coarsely
-        raise too_fine
+        raise _beyond_float64(s, t)
     return beta
+
+
+def _beyond_float64(sigma_rel: float, t: int) -> InvalidValueError:
+    return InvalidValueError(
+        f"sigma_rel {sigma_rel!r} after {t} steps needs a decay closer to 1 than a float64 can hold",
+        "give the training length in coarser units (e.g. per 1,000 steps) or use --update-every",
+    )
 
 
 __all__ = [
