@@ -1,5 +1,5 @@
 """``python -m posthoc_cli`` runs the command-line tool."""
 
-from .cli import main
+from ._entry import main
 
 main()

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -38,7 +38,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__, demo as demo_lib
+from . import __version__
 from .errors import CatalogueError, InvalidValueError, PosthocError
 from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
 from .profiles import (
@@ -54,6 +54,17 @@ from .profiles import (
 from .report import FAITHFUL, POOR, inspect_report
 from .snapshots import FLOAT_DTYPES, scan
 
+if TYPE_CHECKING:
+    from . import demo as demo_lib
+
+# Start-up: a command that touches no tensor data must not import torch (1.5-2 s), only Typer, Rich,
+# numpy and the torch-free modules (profiles, container, snapshots, report, merge's planning).
+# The commands that read or write tensors are listed here and import torch inside their body
+# (`from . import demo as demo_lib` in `demo`; merge imports torch when synthesis starts), never at
+# the top of this module. Keep a new command light by importing only torch-free modules here, or
+# add it below if it needs tensors: tests/test_startup.py checks every command against this list.
+TENSOR_COMMANDS = frozenset({"synthesize", "demo"})
+
 # A classical EMA that still holds this much of the initial weights is no power-function EMA at all.
 MOSTLY_INITIAL = 0.5
 
@@ -61,7 +72,7 @@ app = typer.Typer(
     name="posthoc-ema",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # a local can be a multi-GB tensor
-    add_completion=False,
+    add_completion=True,
     help=(
         "Post-hoc EMA: record a few EMAs of a model during training, choose the EMA length afterwards.\n\n"
         "Snapshots written by posthoc_cli.Recorder go in a folder (default: ckpts); these commands read only "
@@ -457,8 +468,8 @@ def demo(
         Path | None,
         typer.Option("--out", "-o", help="Keep the snapshots in this new folder (default: a temporary one, removed)."),
     ] = None,
-    steps: Annotated[int, typer.Option(hidden=True, min=1, help="Training steps (for quick tests).")] = demo_lib.STEPS,
-    snapshot_every: Annotated[int, typer.Option(hidden=True, min=1)] = demo_lib.SNAPSHOT_EVERY,
+    steps: Annotated[int | None, typer.Option(hidden=True, min=1, help="Training steps (for quick tests).")] = None,
+    snapshot_every: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,
 ) -> None:
     """Train a small model on built-in data, record two EMAs, then pick the best EMA length afterwards.
 
@@ -468,6 +479,10 @@ def demo(
     weights, of both recorded EMAs and of every synthesized one is printed, best
     marked. Seeded, no downloads, a few seconds on a laptop CPU.
     """
+    from . import demo as demo_lib  # torch: only this command trains a model
+
+    steps = demo_lib.STEPS if steps is None else steps
+    snapshot_every = demo_lib.SNAPSHOT_EVERY if snapshot_every is None else snapshot_every
     with _user_errors(), _demo_folder(out) as folder:
         with _progress(enabled=sys.stderr.isatty(), in_bytes=False, transient=True) as bar:
             tasks: dict[str, Any] = {}
@@ -495,6 +510,8 @@ def _demo_folder(out: Path | None) -> Iterator[Path]:
 
 
 def _print_demo(result: demo_lib.DemoResult, *, kept: bool) -> None:
+    from . import demo as demo_lib
+
     console = _stdout()
     console.print(
         f"Trained a {result.parameters:,}-parameter MLP for {result.steps:,} steps in {result.train_seconds:.1f} s, "

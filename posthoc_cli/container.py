@@ -20,36 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from types import TracebackType
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, so concurrent writers of one file go unnoticed there
     fcntl = None  # type: ignore[assignment]
 
-import torch
-
+from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype, torch_dtypes
 from .errors import OutputError, SnapshotFileError
 
-# safetensors dtype code -> torch dtype (itemsize comes from torch).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+if TYPE_CHECKING:  # annotations only: torch is imported by the functions that handle tensor data
+    import torch
+
+    # safetensors dtype code <-> torch dtype; built on first use (module __getattr__ below), so that
+    # reading and checking headers never imports torch.
+    DTYPES: dict[str, torch.dtype]
+    CODES: dict[torch.dtype, str]
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER_BYTES = 100_000_000
@@ -73,7 +60,16 @@ class TensorEntry:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.code]
+        """The torch dtype (imports torch); :attr:`itemsize` and :attr:`is_floating_point` do not."""
+        return torch_dtype(self.code)
+
+    @property
+    def itemsize(self) -> int:
+        return SAFETENSORS_DTYPES[self.code].itemsize
+
+    @property
+    def is_floating_point(self) -> bool:
+        return SAFETENSORS_DTYPES[self.code].is_floating_point
 
     @property
     def numel(self) -> int:
@@ -110,7 +106,7 @@ def _parse_entry(name: str, raw: object, data_start: int) -> TensorEntry:
     if not name or not isinstance(raw, dict):
         raise ValueError(f"tensor entry {name!r} is not an object")
     code, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if not isinstance(code, str) or code not in DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {name!r} has unknown dtype {code!r}")
     if (
         not isinstance(shape, list)
@@ -121,7 +117,7 @@ def _parse_entry(name: str, raw: object, data_start: int) -> TensorEntry:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise ValueError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
-    expected = math.prod(shape) * DTYPES[code].itemsize
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[code].itemsize
     if not 0 <= begin <= end or end - begin != expected:
         raise ValueError(
             f"tensor {name!r} spans bytes {begin}..{end} but shape {shape} of {code} needs {expected}"
@@ -201,6 +197,8 @@ def read_into(fd: int, entry: TensorEntry, out: memoryview, start: int = 0, *, p
 
 def read_tensor(fd: int, entry: TensorEntry, *, path: Path) -> torch.Tensor:
     """One whole tensor, read into fresh memory."""
+    import torch
+
     data = torch.empty(entry.nbytes, dtype=torch.uint8)
     read_into(fd, entry, data.numpy().data, path=path)
     return data.view(entry.dtype).reshape(entry.shape)
@@ -220,6 +218,8 @@ def load_tensors(header: Header) -> dict[str, torch.Tensor]:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    import torch
+
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
@@ -362,7 +362,7 @@ class AtomicWriter:
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         for name, code, shape in layout:
-            size = math.prod(shape) * DTYPES[code].itemsize
+            size = math.prod(shape) * SAFETENSORS_DTYPES[code].itemsize
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         self._expected, self._written = offset, 0
@@ -380,7 +380,8 @@ class AtomicWriter:
 
     def write(self, data: torch.Tensor | memoryview | bytes) -> None:
         """Append the next bytes of tensor data, in layout order (whole tensors or slices of them)."""
-        raw = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data).cast("B")
+        # Anything else than bytes is a tensor (tested this way round, so that bytes need no torch).
+        raw = memoryview(data).cast("B") if isinstance(data, (bytes, bytearray, memoryview)) else tensor_bytes(data)
         if self._written + raw.nbytes > self._expected:
             raise ValueError(f"{self.path}: more tensor data than the layout holds")
         try:
@@ -488,8 +489,18 @@ def write_file(
 ) -> Path:
     """Write CPU tensors atomically as one safetensors file."""
     items = list(tensors)
-    layout = [(name, CODES[t.dtype], tuple(t.shape)) for name, t in items]
+    codes = torch_codes()
+    layout = [(name, codes[t.dtype], tuple(t.shape)) for name, t in items]
     with AtomicWriter(path, layout, metadata, overwrite=overwrite) as writer:
         for _, tensor in items:
             writer.write(tensor)
         return writer.commit()
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the torch tables of old names are built (and torch imported) only when asked for.
+    if name == "DTYPES":
+        return torch_dtypes()
+    if name == "CODES":
+        return torch_codes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,9 +24,10 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: importing this module (merge.py does) must not import torch
+    import torch
 
 PAGE = mmap.PAGESIZE
 # MAP_FIXED is 0x10 on Linux for these architectures (asm-generic); others read with pread.
@@ -92,6 +93,8 @@ class MappedRows:
         self._region: ctypes.Array[ctypes.c_char] | None = region_type.from_address(base)
         self.base: int = base
         # A tensor over the whole range; only the parts of it mapped from files are ever read.
+        import torch
+
         self._all: torch.Tensor | None = torch.frombuffer(self._region, dtype=torch.uint8)
 
     def view(self, first_slot: int, sources: Sequence[tuple[int, int]], nbytes: int) -> torch.Tensor:

@@ -21,28 +21,31 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
-from .container import DTYPES, AtomicWriter, TensorEntry, output_error, read_into
+from . import dtypes
+from .container import AtomicWriter, TensorEntry, output_error, read_into
 from . import mapping
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
-from .snapshots import FLOAT_DTYPES, STORAGE_NAMES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+
+if TYPE_CHECKING:  # annotations only: planning is torch-free (`posthoc-ema plan`, `inspect`); the
+    import torch  # functions that move tensor data import torch themselves
 
 SLICE_BYTES = 24 << 20  # input bytes (all inputs together) per slice; two slices are in use at a time
 _MAP_MIN_BYTES = mapping.PAGE  # narrower slices (per input) are cheaper to read than to map
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
-ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+ACCUMULATE = {"float32": "F32", "float64": "F64"}  # accumulation dtypes: name → safetensors code
 # Relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
 NOISE_BOUND = 1e-3
 
 
 def unit_roundoff(dtype: str) -> float:
     """Relative rounding error of storing a value in ``dtype`` ("float16": 2⁻¹¹)."""
-    return torch.finfo(DTYPES[FLOAT_DTYPES[dtype]]).eps / 2
+    return dtypes.unit_roundoff(FLOAT_DTYPES[dtype])
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,15 @@ class _MemorySink:
     """Collects an output in memory, for :func:`load_synthesized`: one tensor each, filled in order."""
 
     def __init__(self, layout: list[tuple[str, str, tuple[int, ...]]]) -> None:
-        self.tensors = {name: torch.empty(shape, dtype=DTYPES[code]) for name, code, shape in layout}
+        import torch
+
+        self.tensors = {name: torch.empty(shape, dtype=dtypes.torch_dtype(code)) for name, code, shape in layout}
         self._pending = iter(self.tensors.values())
         self._current, self._cursor = torch.empty(0, dtype=torch.uint8), 0
 
     def write(self, data: torch.Tensor) -> None:
+        import torch
+
         raw = data.reshape(-1).view(torch.uint8) if data.numel() else data.new_empty(0, dtype=torch.uint8)
         while raw.numel():
             if self._cursor == self._current.numel():
@@ -244,6 +251,8 @@ class _Reader:
     """The inputs' rows of one slice: mapped side by side (no copy) where possible, else read into a buffer."""
 
     def __init__(self, files: _Inputs, slices: list[_Slice], n: int) -> None:
+        import torch
+
         self.files = files
         self._buffer = torch.empty(0, dtype=torch.uint8)
         widest = max((s.width for s in slices if s.averaged), default=0)
@@ -298,6 +307,8 @@ class _Reader:
 
     def read(self, s: _Slice, inputs: list[int]) -> torch.Tensor:
         """The rows of ``inputs`` read (copied) into the reused buffer."""
+        import torch
+
         if s.count == 0:
             return torch.empty((len(inputs), 0), dtype=s.entry.dtype)  # an empty tensor: no bytes to view
         need = len(inputs) * s.width
@@ -323,6 +334,8 @@ class _Writer:
     """
 
     def __init__(self, sinks: Sequence[_Sink], capacity: int) -> None:
+        import torch
+
         self.sinks = sinks
         self._ring = [torch.empty(capacity, dtype=torch.uint8) for _ in range(3)]
         self._busy: list[Future[None] | None] = [None] * len(self._ring)
@@ -371,8 +384,10 @@ def stream(
     allow_nonfinite: bool = False,
 ) -> Iterator[Progress]:
     """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress."""
-    out_dtype = DTYPES[FLOAT_DTYPES[dtype or p.input_dtype]]
-    acc = ACCUMULATE[accumulate]
+    import torch
+
+    out_dtype = dtypes.torch_dtype(FLOAT_DTYPES[dtype or p.input_dtype])
+    acc = dtypes.torch_dtype(ACCUMULATE[accumulate])
     n, m = len(p.inputs), len(sinks)
     # One target gets a zero row as company: see _product.
     w_t = torch.zeros(max(m, 2), n, dtype=acc)  # => [rows, inputs]
@@ -440,6 +455,8 @@ def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], ou
     (a matrix-vector kernel), so neither side may be 1: ``w_t`` has at least two rows,
     and a one-element slice is computed next to a copy of itself.
     """
+    import torch
+
     single = out.shape[1] == 1
     shape = (out.shape[0], 2) if single else out.shape
     y = out if out.dtype == w_t.dtype and not single else torch.empty(shape, dtype=w_t.dtype)
@@ -456,12 +473,16 @@ def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], ou
 
 
 def _all_finite(y: torch.Tensor) -> bool:
+    import torch
+
     # A NaN or Inf anywhere makes the sum non-finite; a plain sum is far cheaper than isfinite().all().
     # Only when the sum overflows on finite values do we need the exact test.
     return math.isfinite(float(y.sum())) or bool(torch.isfinite(y).all())
 
 
 def _nonfinite(p: Plan, s: _Slice, reader: _Reader, out_dtype: torch.dtype) -> NonFiniteError:
+    import torch
+
     bad = [snap.path for i, snap in enumerate(p.inputs) if not bool(torch.isfinite(reader.read(s, [i])).all())]
     if bad:
         more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
@@ -637,6 +658,10 @@ def load_synthesized(
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    import torch
+
+    from .snapshots import STORAGE_NAMES
+
     if isinstance(dtype, torch.dtype):
         if dtype not in STORAGE_NAMES:
             raise InvalidValueError(f"dtype {dtype} is not supported", f"use one of {', '.join(FLOAT_DTYPES)}")

@@ -82,7 +82,7 @@ def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:
         "spacing": _spacing(ts),
         "dtype": latest.dtype,
         "tensors": len(latest.tensors),
-        "parameters": sum(e.numel for e in latest.tensors.values() if e.dtype.is_floating_point),
+        "parameters": sum(e.numel for e in latest.tensors.values() if e.is_floating_point),
         "bytes": sum(s.header.file_size for s in snaps),
     }
 

@@ -15,10 +15,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .container import CODES, DTYPES, Header, TensorEntry, read_header
+from .container import Header, TensorEntry, read_header
+from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype
 from .errors import CatalogueError, SnapshotFileError
 from .profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
 
@@ -28,7 +29,11 @@ SUFFIX = ".safetensors"
 KINDS = ("snapshot", "synthesized")
 # Storage dtypes for averaged tensors, by the name used in metadata and on the command line.
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-STORAGE_NAMES = {DTYPES[code]: name for name, code in FLOAT_DTYPES.items()}  # torch.float16 → "float16"
+if TYPE_CHECKING:  # built on first use (module __getattr__ at the end): scans never import torch
+    import torch
+
+    STORAGE_NAMES: dict[torch.dtype, str]  # torch.float16 → "float16"
+    CODES: dict[torch.dtype, str]  # torch dtype → safetensors code, as in container
 _MAX_T = 2**62  # far beyond any real counter; keeps t**(gamma+1) arithmetic in float range checks
 
 
@@ -140,7 +145,7 @@ def _parse_record(header: Header) -> Snapshot:
     dtype = info.get("dtype")
     if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    float_codes = {e.code for e in header.tensors.values() if DTYPES[e.code].is_floating_point}
+    float_codes = {e.code for e in header.tensors.values() if SAFETENSORS_DTYPES[e.code].is_floating_point}
     if float_codes - {FLOAT_DTYPES[dtype]}:
         raise ValueError(f"metadata says {dtype} but the file holds {', '.join(sorted(float_codes))} tensors")
     return Snapshot(header, kind, sigma_rel, float(gamma), t, time_unit, updates, dtype, info)  # type: ignore[arg-type]
@@ -323,3 +328,12 @@ __all__ = [
     "snapshot_metadata",
     "snapshot_name",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the tables keyed by torch dtypes import torch, so they are built only when asked for.
+    if name == "STORAGE_NAMES":
+        return {torch_dtype(code): storage for storage, code in FLOAT_DTYPES.items()}
+    if name == "CODES":
+        return torch_codes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
