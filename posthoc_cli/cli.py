@@ -101,6 +101,11 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Whether this run has reported an interruption already: Typer turns a Ctrl-C that no command caught
+# (while parsing the command line, say) into a silent exit code 130, and main() then reports it.
+_interrupt_reported = False
+
+
 @contextlib.contextmanager
 def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     """Turn the library's errors (and the OS's) into ``Error: …`` and an exit code."""
@@ -117,6 +122,8 @@ def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
         where = f"{e.filename}: " if e.filename else ""
         raise _fail(f"{where}{e.strerror or e} — check the path and its permissions", 1) from None
     except KeyboardInterrupt:
+        global _interrupt_reported
+        _interrupt_reported = True
         raise _fail(interrupted, 130) from None
 
 
@@ -569,7 +576,9 @@ _COMMANDS = {c.name or c.callback.__name__ for c in app.registered_commands if c
 
 
 def main() -> None:
-    """Console-script entry point: run the app; a stray PosthocError still becomes one ``Error:`` line."""
+    """Run the app; a stray PosthocError still becomes one ``Error:`` line (the console script is _entry.main)."""
+    global _interrupt_reported
+    _interrupt_reported = False
     try:
         code = app(prog_name="posthoc-ema", standalone_mode=False)  # errors come here, not to Typer's boxes
     except _USAGE_ERROR as e:  # unparsable option, missing argument, ...: one line like every error
@@ -588,6 +597,8 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         _say("Error: interrupted")
         sys.exit(130)
+    if code == 130 and not _interrupt_reported:
+        _say("Error: interrupted")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -377,6 +377,15 @@ class AtomicWriter:
         except OSError as e:
             self.abort()
             raise output_error(self.path, e) from e
+        except BaseException:
+            # Ctrl-C can land just after the temp file was created, before it was ours to remove:
+            # then nobody holds its lock any more, and the stale check removes it (never a live run's).
+            owned = self._owned
+            self.abort()
+            if not owned:
+                with contextlib.suppress(Exception):
+                    _remove_if_stale(self.tmp, self.path)
+            raise
 
     def write(self, data: torch.Tensor | memoryview | bytes) -> None:
         """Append the next bytes of tensor data, in layout order (whole tensors or slices of them)."""
@@ -472,6 +481,13 @@ class AtomicWriter:
 
     def __enter__(self) -> AtomicWriter:
         return self
+
+    def __del__(self) -> None:
+        # A writer dropped without commit() or abort() (Ctrl-C between creating it and handing it to
+        # the code that cleans up) still removes its temp file.
+        if getattr(self, "_owned", False):
+            with contextlib.suppress(Exception):
+                self.abort()
 
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None

@@ -550,13 +550,19 @@ def _check_outputs(p: Plan, paths: list[Path], force: bool) -> None:
 def _make_folders(folder: Path) -> list[Path]:
     """Create ``folder`` and missing parents; return those created, deepest first, for clean-up."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
-    for f in reversed(missing):
-        try:
-            f.mkdir()
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise output_error(f, e) from e
+    try:
+        for f in reversed(missing):
+            try:
+                f.mkdir()
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise output_error(f, e) from e
+    except BaseException:  # an error or Ctrl-C half-way: the folders made so far go again (empty ones only)
+        for f in missing:
+            with contextlib.suppress(OSError):
+                f.rmdir()
+        raise
     return missing
 
 
