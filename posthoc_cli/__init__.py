@@ -18,12 +18,13 @@ imports neither torch nor numpy; ``Recorder`` brings torch in.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from ._version import __version__
 
+TYPE_CHECKING = False  # not typing's: importing typing would add ~10 ms before the CLI handles Ctrl-C
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names below load on first use
+    from types import ModuleType
+    from typing import Any
+
     from .errors import (
         CatalogueError,
         InvalidValueError,
@@ -46,31 +47,35 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
     from .recorder import Recorder
     from .snapshots import read_snapshot, scan
 
-# Public name -> the module that defines it. Nothing is imported with the package itself: the
-# `posthoc-ema` entry point imports this package before it can handle Ctrl-C, and `Recorder` needs
-# torch, which the CLI's light commands never import (PEP 562 module __getattr__ below).
-_HOMES = {
-    **dict.fromkeys(
-        ["CatalogueError", "InvalidValueError", "NonFiniteError", "OutputError", "PosthocError",
-         "ResumeError", "SnapshotFileError", "WriterError"],
-        ".errors",
-    ),
-    **dict.fromkeys(["load_synthesized", "plan", "synthesize"], ".merge"),
-    **dict.fromkeys(
-        ["SIGMA_REL_MAX", "beta_to_sigma_rel", "gamma_to_sigma_rel", "sigma_rel_to_beta", "sigma_rel_to_gamma",
-         "solve_weights"],
-        ".profiles",
-    ),
-    "Recorder": ".recorder",
-    **dict.fromkeys(["read_snapshot", "scan"], ".snapshots"),
-}
+# Nothing is imported with the package itself: the `posthoc-ema` entry point imports this package
+# before it can handle Ctrl-C, and `Recorder` needs torch, which the CLI's light commands never
+# import. Each public name is imported from its module on first use (PEP 562 module __getattr__),
+# with plain import statements: no string ever chooses what is imported.
+_ERRORS = frozenset(
+    {"CatalogueError", "InvalidValueError", "NonFiniteError", "OutputError", "PosthocError", "ResumeError",
+     "SnapshotFileError", "WriterError"}
+)
+_PROFILES = frozenset(
+    {"SIGMA_REL_MAX", "beta_to_sigma_rel", "gamma_to_sigma_rel", "sigma_rel_to_beta", "sigma_rel_to_gamma",
+     "solve_weights"}
+)
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
+    home: ModuleType
+    if name in _ERRORS:
+        from . import errors as home
+    elif name in _PROFILES:
+        from . import profiles as home
+    elif name in ("load_synthesized", "plan", "synthesize"):
+        from . import merge as home
+    elif name == "Recorder":
+        from . import recorder as home
+    elif name in ("read_snapshot", "scan"):
+        from . import snapshots as home
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
+    value = getattr(home, name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import signal
 import sys
-from types import FrameType
-from typing import NoReturn
+
+TYPE_CHECKING = False  # not typing's: this module must import next to nothing
+if TYPE_CHECKING:
+    from types import FrameType
+    from typing import NoReturn
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -32,8 +32,10 @@ from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputErr
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
-if TYPE_CHECKING:  # annotations only: planning is torch-free (`posthoc-ema plan`, `inspect`); the
-    import torch  # functions that move tensor data import torch themselves
+# Planning (scan, fit, output paths) needs no torch, so light commands can use this module; the
+# functions that move tensor data import torch themselves, when a synthesis starts.
+if TYPE_CHECKING:
+    import torch
 
 SLICE_BYTES = 24 << 20  # input bytes (all inputs together) per slice; two slices are in use at a time
 _MAP_MIN_BYTES = mapping.PAGE  # narrower slices (per input) are cheaper to read than to map
