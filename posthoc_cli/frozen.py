@@ -24,7 +24,7 @@ import datetime as _dt
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,12 +161,12 @@ def snapshot_frozen_id(snap: Snapshot) -> str | None:
     return ident if isinstance(ident, str) else None
 
 
-def tag(metadata: dict[str, str], ident: str | None) -> dict[str, str]:
-    """A snapshot's metadata with the id of its frozen file added."""
+def tag(metadata: dict[str, str], ident: str | None, key: str = SNAPSHOT_KEY) -> dict[str, str]:
+    """A file's metadata with ``key: ident`` added to its record (a snapshot: the id of its frozen file)."""
     if ident is None:
         return metadata
     info = json.loads(metadata[_METADATA_KEY])
-    info[SNAPSHOT_KEY] = ident
+    info[key] = ident
     return {**metadata, _METADATA_KEY: json.dumps(info, allow_nan=False)}
 
 
@@ -195,6 +195,30 @@ class FrozenRef:
         return self.file
 
 
+def copy_frozen(file: FrozenFile, sinks: Sequence[Any], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
+    """Append every tensor of ``file`` to each sink, bit for bit, in file order; yields (name, bytes) as it goes."""
+    import torch
+
+    from .container import read_into
+
+    raw = torch.empty(min(chunk, max(file.nbytes, 1)), dtype=torch.uint8)
+    buffer = raw.numpy().data
+    try:
+        fd = os.open(file.path, os.O_RDONLY)
+    except OSError as e:
+        raise SnapshotFileError(file.path, f"cannot open ({e.strerror})", "check that it still exists and is readable") from e
+    try:
+        for entry in sorted(file.tensors.values(), key=lambda e: e.begin):
+            for start in range(0, entry.nbytes, len(buffer)):
+                view = buffer[: min(len(buffer), entry.nbytes - start)]
+                read_into(fd, entry, view, start, path=file.path)
+                for sink in sinks:
+                    sink.write(raw[: len(view)])
+                yield entry.name, len(view)
+    finally:
+        os.close(fd)
+
+
 def frozen_ref(inputs: Sequence[Snapshot], catalogue: Catalogue) -> FrozenRef | None:
     """The frozen file that ``inputs`` belong with; refuses snapshots of two recordings."""
     ids = {snapshot_frozen_id(s): s for s in inputs}
@@ -214,6 +238,36 @@ def frozen_ref(inputs: Sequence[Snapshot], catalogue: Catalogue) -> FrozenRef | 
                 f"{found.path}: {_few(clash)} are also in {inputs[-1].path.name}", "replace the file with the one the Recorder wrote"
             )
     return FrozenRef(ident, found, catalogue.folder)
+
+
+def contents_report(catalogue: Catalogue) -> tuple[dict[str, Any], list[str]]:
+    """What the latest snapshot averages, what it keeps as it is, and what is stored once (with bytes);
+    plus the problems found (a missing frozen file). JSON-ready, for ``inspect``."""
+    snaps = catalogue.snapshots
+    if not snaps:
+        return {}, []
+    latest = snaps[-1]
+
+    def part(entries: Sequence[TensorEntry]) -> dict[str, int]:
+        return {"tensors": len(entries), "parameters": sum(e.numel for e in entries), "bytes": sum(e.nbytes for e in entries)}
+
+    entries = list(latest.tensors.values())
+    ident = snapshot_frozen_id(latest)
+    file = next((f for f in catalogue.frozen if f.id == ident), None)
+    problems = []
+    if ident is not None and file is None:
+        problems.append(
+            f"the snapshots keep their frozen weights in {FILE_NAME} (id {ident}), which is missing: "
+            "complete outputs cannot be made (--trainable-only still works)"
+        )
+    report: dict[str, Any] = {
+        "averaged": part([e for e in entries if e.dtype.is_floating_point]),
+        "as_is": part([e for e in entries if not e.dtype.is_floating_point]),
+        "stored_once": None if file is None else {"path": str(file.path), **part(list(file.tensors.values()))},
+        "frozen_id": ident,
+        "unused_frozen_files": [str(f.path) for f in catalogue.frozen if f is not file],
+    }
+    return report, problems
 
 
 # -- recording side -------------------------------------------------------------------------------
@@ -308,6 +362,8 @@ __all__ = [
     "FrozenFile",
     "FrozenRef",
     "FrozenWeights",
+    "contents_report",
+    "copy_frozen",
     "differing",
     "frozen_ref",
     "is_frozen",
