@@ -16,6 +16,7 @@ snapshots; :func:`synthesize` turns them into the EMA of any length afterwards.
 from ._version import __version__
 from .errors import (
     CatalogueError,
+    FrozenWeightsError,
     InvalidValueError,
     NonFiniteError,
     OutputError,
@@ -39,6 +40,7 @@ from .snapshots import read_snapshot, scan
 __all__ = [
     "SIGMA_REL_MAX",
     "CatalogueError",
+    "FrozenWeightsError",
     "InvalidValueError",
     "NonFiniteError",
     "OutputError",
