@@ -255,3 +255,33 @@ def test_ema_state_dict_is_complete_or_trainable_only(tmp_path):
     assert set(rec.ema_state_dict(0.05, trainable_only=True)) == {
         "down.weight", "up.weight", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var",
     }
+
+
+def test_cli_end_to_end_through_the_entry_point(tmp_path):
+    from test_e2e import cli
+
+    model = make_adapted()
+    folder = tmp_path / "ckpts"
+    train(model, [Recorder(model, folder, snapshot_every=10)], 40)
+    base_values = 256 * 256 + 256
+    shown = cli("inspect", folder, cwd=tmp_path).stdout
+    assert f"Stored once (frozen) in {folder / FILE_NAME}: 2 tensors, {base_values:,} values, 263.2 kB" in shown
+    assert "Averaged in each snapshot: 6 tensors, 3,072 values, 12.3 kB; kept as they are (integer buffers): 1 tensors" in shown
+    assert "skipped" not in shown and "Problems" not in shown
+    doc = json.loads(cli("inspect", folder, "--json", cwd=tmp_path).stdout)
+    assert doc["contents"]["stored_once"]["bytes"] == 4 * base_values and doc["ignored"] == []
+    assert doc["contents"]["averaged"] == {"tensors": 6, "parameters": 3072, "bytes": 4 * 3072}
+
+    cli("synthesize", folder, "-s", 0.08, "--trainable-only", "--out", "adapter.safetensors", cwd=tmp_path)
+    adapter = safetensors.torch.load_file(tmp_path / "adapter.safetensors")
+    assert set(adapter) == {"down.weight", "up.weight", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"}
+    cli("synthesize", folder, "-s", 0.08, "--out", "complete.safetensors", cwd=tmp_path)
+    complete = safetensors.torch.load_file(tmp_path / "complete.safetensors")
+    make_adapted(seed=4).load_state_dict(complete, strict=True)
+    assert all(torch.equal(complete[n], adapter[n]) for n in adapter)
+
+    (folder / FILE_NAME).rename(tmp_path / "moved.safetensors")
+    failed = cli("synthesize", folder, "-s", 0.08, "--out", "again.safetensors", cwd=tmp_path, check_rc=1)
+    assert failed.stderr.startswith("Error: ") and "which is missing — put frozen.safetensors back" in failed.stderr
+    assert len(failed.stderr.splitlines()) == 1 and not (tmp_path / "again.safetensors").exists()
+    assert "which is missing" in cli("inspect", folder, cwd=tmp_path).stdout
