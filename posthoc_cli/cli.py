@@ -323,17 +323,18 @@ def _print_contents(console: Console, contents: dict[str, Any]) -> None:
     """What each snapshot averages and what the folder stores once (frozen weights)."""
 
     def part(p: dict[str, Any]) -> str:
-        return f"{p['tensors']} tensors, {p['parameters']:,} values, {human_bytes(p['bytes'])}"
+        values = f"{p['parameters']:,} value{'s' if p['parameters'] != 1 else ''}"
+        return f"{p['tensors']} tensor{'s' if p['tensors'] != 1 else ''} ({values}, {human_bytes(p['bytes'])})"
 
-    line = f"Averaged in each snapshot: {part(contents['averaged'])}"
+    line = f"Each snapshot averages {part(contents['averaged'])}"
     if contents["as_is"]["tensors"]:
-        line += f"; kept as they are (integer buffers): {part(contents['as_is'])}"
-    console.print(line)
+        line += f" and keeps {part(contents['as_is'])} as they are (integer buffers)"
     once = contents["stored_once"]
+    if once is None and contents["frozen_id"] is None:
+        line += "; nothing is stored once (no frozen weights)"
+    console.print(line)
     if once is not None:
-        console.print(f"Stored once (frozen) in {escape(once['path'])}: {part(once)}")
-    elif contents["frozen_id"] is None:
-        console.print("Stored once (frozen): nothing, every floating-point tensor is averaged")
+        console.print(f"Stored once (frozen weights, not averaged): {part(once)} in {escape(once['path'])}")
 
 
 def _print_inspect(report: dict[str, Any]) -> None:

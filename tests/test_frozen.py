@@ -265,8 +265,8 @@ def test_cli_end_to_end_through_the_entry_point(tmp_path):
     train(model, [Recorder(model, folder, snapshot_every=10)], 40)
     base_values = 256 * 256 + 256
     shown = cli("inspect", folder, cwd=tmp_path).stdout
-    assert f"Stored once (frozen) in {folder / FILE_NAME}: 2 tensors, {base_values:,} values, 263.2 kB" in shown
-    assert "Averaged in each snapshot: 6 tensors, 3,072 values, 12.3 kB; kept as they are (integer buffers): 1 tensors" in shown
+    assert f"Stored once (frozen weights, not averaged): 2 tensors ({base_values:,} values, 263.2 kB) in {folder / FILE_NAME}" in shown
+    assert "Each snapshot averages 6 tensors (3,072 values, 12.3 kB) and keeps 1 tensor (1 value, 8 bytes) as they are" in shown
     assert "skipped" not in shown and "Problems" not in shown
     doc = json.loads(cli("inspect", folder, "--json", cwd=tmp_path).stdout)
     assert doc["contents"]["stored_once"]["bytes"] == 4 * base_values and doc["ignored"] == []
