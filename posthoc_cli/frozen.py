@@ -87,7 +87,8 @@ def read_frozen(header: Header) -> FrozenFile:
             raise ValueError(f"id {ident!r} is not a short alphanumeric string")
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
             raise ValueError("state_dict is not a list of distinct names")
-        stray = [n for n in header.tensors if n not in set(names)]
+        known = set(names)
+        stray = [n for n in header.tensors if n not in known]
         if stray:
             raise ValueError(f"tensor {stray[0]!r} is not in its state_dict list")
         if not isinstance(selection, dict):
@@ -122,11 +123,27 @@ def write_frozen(
     }
     layout = [(name, CODES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
     path = folder / FILE_NAME
+    _refuse_foreign(path)
     with AtomicWriter(path, layout, {_METADATA_KEY: json.dumps(info)}, overwrite=True) as writer:
         for tensor in tensors.values():  # one tensor in host memory at a time
             writer.write(_cpu(tensor))
         writer.commit()
     return read_frozen(read_header(path))
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Never replace a file of the user's that happens to have our name (only an earlier frozen file)."""
+    if not os.path.lexists(path):
+        return
+    try:
+        ours = is_frozen(read_header(path))
+    except SnapshotFileError:
+        ours = False
+    if not ours:
+        raise FrozenWeightsError(
+            f"{path} exists and is not posthoc-ema's frozen weights, which the Recorder writes under that name",
+            "move that file out of the snapshot folder, or record in another folder",
+        )
 
 
 def differing(file: FrozenFile, tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -168,6 +185,11 @@ def tag(metadata: dict[str, str], ident: str | None, key: str = SNAPSHOT_KEY) ->
     info = json.loads(metadata[_METADATA_KEY])
     info[key] = ident
     return {**metadata, _METADATA_KEY: json.dumps(info, allow_nan=False)}
+
+
+def _options(selection: Mapping[str, Any]) -> str:
+    """``average_frozen=False, include=None, exclude=['x.*']``, as the options were passed (from any file)."""
+    return ", ".join(f"{key}={value!r}" for key, value in selection.items()) or "no options recorded"
 
 
 def _few(names: Sequence[str], limit: int = 3) -> str:
@@ -294,7 +316,7 @@ class FrozenWeights:
 
     def resume(self, catalogue: Catalogue, ours: Mapping[str, str]) -> None:
         """Adopt the folder's frozen file, or refuse a recording whose choice of what to average differs."""
-        from .selection import AS_IS, AVERAGED, STORED_ONCE, Filter, describe_difference
+        from .selection import AS_IS, AVERAGED, STORED_ONCE, describe_difference
 
         latest = catalogue.snapshots[-1]
         ref = frozen_ref([latest], catalogue)
@@ -309,8 +331,8 @@ class FrozenWeights:
         # Other names are another model: the Recorder's own check says so; here only the roles differ.
         diff = describe_difference(roles, ours) if roles.keys() == ours.keys() else None
         if diff is not None:
-            theirs = Filter.make(**file.filter).describe() if file is not None and file.filter else "every tensor averaged"
-            ours_text = Filter.make(**self.selection).describe() if self.selection else ""
+            theirs = _options(file.filter) if file is not None else "every tensor averaged"
+            ours_text = _options(self.selection)
             raise ResumeError(
                 f"{latest.path} was recorded with other choices of what to average ({theirs}; here {ours_text}): {diff}",
                 "pass the include=/exclude=/average_frozen= it was recorded with, or use a new folder",

@@ -68,6 +68,14 @@ class Recorder:
     Under ``torch.distributed`` only rank 0 writes (``write=`` overrides); every
     rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`.
 
+    What is averaged (:mod:`.selection`): the parameters that require grad now,
+    and floating-point buffers. Frozen parameters are stored once per folder
+    (``frozen.safetensors``, :mod:`.frozen`), not in every snapshot.
+    ``average_frozen=True`` averages everything; ``include=`` / ``exclude=`` are
+    glob patterns over state-dict names (a pattern that matches nothing is an
+    error). A frozen parameter that requires grad later is an error at the
+    next snapshot.
+
     >>> with Recorder(model, "ckpts", sigma_rels=(0.05, 0.10), snapshot_every=1000) as rec:  # doctest: +SKIP
     ...     for step in range(rec.t, total_steps):
     ...         train_step(model)

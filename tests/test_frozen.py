@@ -285,3 +285,16 @@ def test_cli_end_to_end_through_the_entry_point(tmp_path):
     assert failed.stderr.startswith("Error: ") and "which is missing — put frozen.safetensors back" in failed.stderr
     assert len(failed.stderr.splitlines()) == 1 and not (tmp_path / "again.safetensors").exists()
     assert "which is missing" in cli("inspect", folder, cwd=tmp_path).stdout
+
+
+def test_a_foreign_file_under_the_frozen_name_is_never_replaced(tmp_path):
+    foreign = {"x": torch.ones(3)}
+    safetensors.torch.save_file(foreign, tmp_path / FILE_NAME)
+    before = (tmp_path / FILE_NAME).read_bytes()
+    model = make_adapted()
+    rec = Recorder(model, tmp_path, snapshot_every=10, async_write=False)
+    for _ in range(9):
+        rec.update()
+    with pytest.raises(FrozenWeightsError, match="exists and is not posthoc-ema's frozen weights"):
+        rec.update()
+    assert (tmp_path / FILE_NAME).read_bytes() == before and not scan(tmp_path).snapshots
