@@ -298,3 +298,26 @@ def test_a_foreign_file_under_the_frozen_name_is_never_replaced(tmp_path):
     with pytest.raises(FrozenWeightsError, match="exists and is not posthoc-ema's frozen weights"):
         rec.update()
     assert (tmp_path / FILE_NAME).read_bytes() == before and not scan(tmp_path).snapshots
+
+
+def test_frozen_tensors_keep_their_own_dtype_and_bytes(tmp_path):
+    """A bfloat16 frozen base stays bfloat16, bit for bit, whatever --dtype the averaged tensors get."""
+    model = make_adapted()
+    model.base.to(torch.bfloat16)
+    rec = Recorder(model, tmp_path / "ckpts", snapshot_every=10)
+    for _ in range(3):
+        for _ in range(10):
+            with torch.no_grad():
+                model.down.weight.add_(0.01)
+            rec.update()
+    rec.close()
+    (frozen,) = scan(tmp_path / "ckpts").frozen
+    info = json.loads(frozen.header.metadata["posthoc_ema"])
+    assert {k: info[k] for k in ("format", "kind", "filter")} == {
+        "format": 1, "kind": "frozen", "filter": {"average_frozen": False, "include": None, "exclude": []},
+    }
+    assert {e.code for e in frozen.tensors.values()} == {"BF16"}
+    (path,) = synthesize(tmp_path / "ckpts", 0.08, out=tmp_path / "half.safetensors", dtype="float16")
+    out = safetensors.torch.load_file(path)
+    assert out["base.weight"].dtype == torch.bfloat16 and torch.equal(out["base.weight"], model.base.weight)
+    assert out["down.weight"].dtype == torch.float16
