@@ -590,7 +590,7 @@ def synthesize_iter(
             metadata = tag(_metadata(p, j, out_name, accumulate), "trainable" if trainable_only else None, "contents")
             writers.append(AtomicWriter(path, layout, metadata, overwrite=force))
         extra = sum(e.nbytes for e in frozen)
-        last = Progress(0, extra, "")
+        last = Progress(0, 0, "")
         for last in stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite, trainable_only=trainable_only):
             yield Progress(last.done, last.total + extra, last.tensor)
         done_bytes, total = last.done, last.total + extra
