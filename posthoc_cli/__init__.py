@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
 
     from .errors import (
         CatalogueError,
+        FrozenWeightsError,
         InvalidValueError,
         NonFiniteError,
         OutputError,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
 # import. Each public name is imported from its module on first use (PEP 562 module __getattr__),
 # with plain import statements: no string ever chooses what is imported.
 _ERRORS = frozenset(
-    {"CatalogueError", "InvalidValueError", "NonFiniteError", "OutputError", "PosthocError", "ResumeError",
+    {"CatalogueError", "FrozenWeightsError", "InvalidValueError", "NonFiniteError", "OutputError", "PosthocError", "ResumeError",
      "SnapshotFileError", "WriterError"}
 )
 _PROFILES = frozenset(
@@ -87,6 +88,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "SIGMA_REL_MAX",
     "CatalogueError",
+    "FrozenWeightsError",
     "InvalidValueError",
     "NonFiniteError",
     "OutputError",

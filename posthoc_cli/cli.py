@@ -169,6 +169,13 @@ def synthesize(
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Write the result even if it holds NaN or Inf.")
     ] = False,
+    trainable_only: Annotated[
+        bool,
+        typer.Option(
+            "--trainable-only",
+            help="Write only the averaged tensors (e.g. a LoRA adapter), not the frozen weights stored once.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Write the EMA of any length, synthesized from the recorded snapshots.
@@ -176,7 +183,8 @@ def synthesize(
     Solves for the weights of the snapshots that best reproduce each requested
     sigma_rel at the target time, then streams their weighted sum into one
     safetensors file per target, tensor by tensor, in a single pass over the
-    inputs. The result loads with model.load_state_dict(safetensors.torch.load_file(path)).
+    inputs. The result loads with model.load_state_dict(safetensors.torch.load_file(path)):
+    frozen weights stored once are copied in, bit for bit, unless --trainable-only.
     An existing output is kept unless --force is given; a failed run leaves no output.
     """
     with _user_errors("interrupted — no output was written"):
@@ -187,7 +195,8 @@ def synthesize(
         paths = output_paths(p, out)
         started = time.perf_counter()
         steps = synthesize_iter(
-            p, paths, dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite
+            p, paths, dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
+            trainable_only=trainable_only,
         )
         total = 0
         try:
@@ -328,6 +337,24 @@ def inspect(
             )
 
 
+def _print_contents(console: Console, contents: dict[str, Any]) -> None:
+    """What each snapshot averages and what the folder stores once (frozen weights)."""
+
+    def part(p: dict[str, Any]) -> str:
+        values = f"{p['parameters']:,} value{'s' if p['parameters'] != 1 else ''}"
+        return f"{p['tensors']} tensor{'s' if p['tensors'] != 1 else ''} ({values}, {human_bytes(p['bytes'])})"
+
+    line = f"Each snapshot averages {part(contents['averaged'])}"
+    if contents["as_is"]["tensors"]:
+        line += f" and keeps {part(contents['as_is'])} as they are (integer buffers)"
+    once = contents["stored_once"]
+    if once is None and contents["frozen_id"] is None:
+        line += "; nothing is stored once (no frozen weights)"
+    console.print(line)
+    if once is not None:
+        console.print(f"Stored once (frozen weights, not averaged): {part(once)} in {escape(once['path'])}")
+
+
 def _print_inspect(report: dict[str, Any]) -> None:
     console = _stdout()
     series = report["series"]
@@ -346,6 +373,7 @@ def _print_inspect(report: dict[str, Any]) -> None:
                 s["spacing"], s["dtype"], str(s["tensors"]), f"{s['parameters']:,}", human_bytes(s["bytes"]),
             )
         console.print(table)
+        _print_contents(console, report["contents"])
     else:
         console.print(f"{escape(report['folder'])}: no posthoc-ema snapshots")
     if report["problems"] or report["ignored"]:

@@ -54,3 +54,7 @@ class NonFiniteError(PosthocError):
 
 class WriterError(PosthocError):
     """A background snapshot write failed; raised in the training thread."""
+
+
+class FrozenWeightsError(PosthocError):
+    """Frozen weights stored once per folder are missing, or the model no longer holds them."""

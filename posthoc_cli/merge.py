@@ -29,6 +29,7 @@ from . import dtypes
 from .container import AtomicWriter, TensorEntry, output_error, read_into
 from . import mapping
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
+from .frozen import FrozenRef, copy_frozen, frozen_ref, tag
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
@@ -61,6 +62,7 @@ class Plan:
     fit: Fit  # weights => [inputs, targets]
     fixed_from: Snapshot  # the latest input: integer buffers are copied from it
     skipped_files: int  # files in the folder that are not snapshots
+    frozen: FrozenRef | None = None  # the frozen weights stored once that complete the inputs' state dict
 
     @property
     def entries(self) -> list[TensorEntry]:
@@ -131,6 +133,7 @@ def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: in
         fit=Fit(weights, result.profile_error, result.sum_abs_weights),
         fixed_from=usable[-1],
         skipped_files=len(catalogue.ignored),
+        frozen=frozen_ref(usable, catalogue),
     )
 
 
@@ -384,11 +387,13 @@ def stream(
     dtype: str | None = None,
     accumulate: str = "float32",
     allow_nonfinite: bool = False,
+    trainable_only: bool = False,
 ) -> Iterator[Progress]:
     """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress."""
     import torch
 
     out_dtype = dtypes.torch_dtype(FLOAT_DTYPES[dtype or p.input_dtype])
+    entries = _output_entries(p, trainable_only)
     acc = dtypes.torch_dtype(ACCUMULATE[accumulate])
     n, m = len(p.inputs), len(sinks)
     # One target gets a zero row as company: see _product.
@@ -397,9 +402,9 @@ def stream(
     latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
     everything, fixed = list(range(n)), [latest if latest is not None else n]
 
-    total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
+    total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in entries)
     done = 0
-    slices = list(_slices(p.entries, n, m))
+    slices = list(_slices(entries, n, m))
     rows = len(w_t)
     capacity = max((s.count * (rows * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
     # Three threads: one maps (or reads) slice k+1 while this one multiplies slice k and a third writes
@@ -442,6 +447,18 @@ def stream(
             done += (n if s.averaged else 1) * s.width
             yield Progress(done, total, s.entry.name)
         writer.close()
+
+
+def _output_entries(p: Plan, trainable_only: bool) -> list[TensorEntry]:
+    """The snapshot tensors an output holds: all, or the averaged (floating-point) ones alone."""
+    return [e for e in p.entries if e.dtype.is_floating_point] if trainable_only else p.entries
+
+
+def _frozen_part(p: Plan, trainable_only: bool) -> list[TensorEntry]:
+    """The stored-once tensors a complete output copies in (after the snapshot tensors), in file order."""
+    if trainable_only or p.frozen is None:
+        return []
+    return sorted(p.frozen.require().tensors.values(), key=lambda e: e.begin)
 
 
 def _quietly(close: Callable[[], None]) -> None:
@@ -540,6 +557,7 @@ def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
 
 def _check_outputs(p: Plan, paths: list[Path], force: bool) -> None:
     inputs = {s.path.resolve() for s in [*p.inputs, p.fixed_from]}
+    inputs |= {p.frozen.file.path.resolve()} if p.frozen is not None and p.frozen.file is not None else set()
     for path in paths:
         if path.resolve() in inputs:
             raise OutputError(f"{path} is one of the input snapshots", "write the output somewhere else")
@@ -576,25 +594,40 @@ def synthesize_iter(
     accumulate: str = "float32",
     force: bool = False,
     allow_nonfinite: bool = False,
+    trainable_only: bool = False,
 ) -> Generator[Progress, None, None]:
     """Stream every target of ``p`` into its file in one pass over the inputs, yielding progress.
 
     Files appear only when complete; on any error (or if the iteration is
     abandoned) no output file, and no folder made for one, is left behind.
+    Frozen weights stored once are copied in, bit for bit and in their own dtype,
+    unless ``trainable_only`` (then only the averaged tensors are written).
     """
     _check_outputs(p, paths, force)
     out_name = dtype or p.input_dtype
+    frozen = _frozen_part(p, trainable_only)
     layout = [
-        (e.name, FLOAT_DTYPES[out_name] if e.dtype.is_floating_point else e.code, e.shape) for e in p.entries
-    ]
+        (e.name, FLOAT_DTYPES[out_name] if e.dtype.is_floating_point else e.code, e.shape)
+        for e in _output_entries(p, trainable_only)
+    ] + [(e.name, e.code, e.shape) for e in frozen]
     writers: list[AtomicWriter] = []
     created: list[Path] = []
     done = False
     try:
         for j, path in enumerate(paths):
             created += _make_folders(path.parent)
-            writers.append(AtomicWriter(path, layout, _metadata(p, j, out_name, accumulate), overwrite=force))
-        yield from stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite)
+            metadata = tag(_metadata(p, j, out_name, accumulate), "trainable" if trainable_only else None, "contents")
+            writers.append(AtomicWriter(path, layout, metadata, overwrite=force))
+        extra = sum(e.nbytes for e in frozen)
+        last = Progress(0, 0, "")
+        for last in stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite, trainable_only=trainable_only):
+            yield Progress(last.done, last.total + extra, last.tensor)
+        done_bytes, total = last.done, last.total + extra
+        if frozen:
+            assert p.frozen is not None and p.frozen.file is not None
+            for name, nbytes in copy_frozen(p.frozen.file, writers):
+                done_bytes += nbytes
+                yield Progress(done_bytes, total, name)
         for writer in writers:
             writer.commit()
         done = True
@@ -624,11 +657,14 @@ def synthesize(
     accumulate: str = "float32",
     force: bool = False,
     allow_nonfinite: bool = False,
+    trainable_only: bool = False,
 ) -> list[Path]:
     """Synthesize the EMA of each ``sigma_rel`` at time ``t`` and write it as a safetensors file.
 
     One target: ``out`` is the file; several: ``out`` is a folder (default: the
-    current folder, files named ``ema-s<sigma_rel>-t<t>.safetensors``).
+    current folder, files named ``ema-s<sigma_rel>-t<t>.safetensors``). The files are
+    complete state dicts (frozen weights stored once copied in); ``trainable_only=True``
+    writes only the averaged tensors (e.g. a LoRA adapter), under the model's names.
 
     >>> synthesize("ckpts", 0.15, out="ema-0.15.safetensors")  # doctest: +SKIP
     [PosixPath('ema-0.15.safetensors')]
@@ -638,7 +674,9 @@ def synthesize(
     _check_dtype(name, accumulate)
     p = plan(ckpt_dir, targets, t=t)
     paths = output_paths(p, out)
-    for _ in synthesize_iter(p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite):
+    for _ in synthesize_iter(
+        p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite, trainable_only=trainable_only
+    ):
         pass
     return paths
 
@@ -650,8 +688,12 @@ def load_synthesized(
     t: int | None = None,
     dtype: str | torch.dtype | None = None,
     accumulate: str = "float32",
+    trainable_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The synthesized EMA as a state dict in memory, ready for ``model.load_state_dict``.
+
+    Complete (frozen weights stored once included, in the model's order) unless
+    ``trainable_only=True``: then only the averaged tensors.
 
     >>> model.load_state_dict(load_synthesized("ckpts", 0.15))  # doctest: +SKIP
     """
@@ -659,9 +701,17 @@ def load_synthesized(
     _check_dtype(name, accumulate)
     p = plan(ckpt_dir, [sigma_rel], t=t)
     out = FLOAT_DTYPES[name or p.input_dtype]
-    sink = _MemorySink([(e.name, out if e.dtype.is_floating_point else e.code, e.shape) for e in p.entries])
-    for _ in stream(p, [sink], dtype=name, accumulate=accumulate):
+    frozen = _frozen_part(p, trainable_only)
+    entries = _output_entries(p, trainable_only)
+    sink = _MemorySink([(e.name, out if e.dtype.is_floating_point else e.code, e.shape) for e in [*entries, *frozen]])
+    for _ in stream(p, [sink], dtype=name, accumulate=accumulate, trainable_only=trainable_only):
         pass
+    if frozen:
+        assert p.frozen is not None and p.frozen.file is not None
+        for _ in copy_frozen(p.frozen.file, [sink]):
+            pass
+        order = {n: i for i, n in enumerate(p.frozen.file.state_dict)}
+        return dict(sorted(sink.tensors.items(), key=lambda item: order.get(item[0], len(order))))
     return sink.tensors
 
 

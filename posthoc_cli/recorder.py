@@ -21,8 +21,10 @@ from torch import nn
 
 from .container import load_tensors
 from .errors import InvalidValueError, OutputError, ResumeError
+from .frozen import FrozenWeights, tag
 from .profiles import check_sigma_rel, sigma_rel_to_gamma, update_beta
 from .snapshots import STORAGE_NAMES, Catalogue, scan, snapshot_metadata, snapshot_name
+from .selection import AVERAGED, STORED_ONCE, Filter, select
 from .writer import SnapshotWriter, Job
 
 # Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
@@ -66,6 +68,14 @@ class Recorder:
     Under ``torch.distributed`` only rank 0 writes (``write=`` overrides); every
     rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`.
 
+    What is averaged (:mod:`.selection`): the parameters that require grad now,
+    and floating-point buffers. Frozen parameters are stored once per folder
+    (``frozen.safetensors``, :mod:`.frozen`), not in every snapshot.
+    ``average_frozen=True`` averages everything; ``include=`` / ``exclude=`` are
+    glob patterns over state-dict names (a pattern that matches nothing is an
+    error). A frozen parameter that requires grad later is an error at the
+    next snapshot.
+
     >>> with Recorder(model, "ckpts", sigma_rels=(0.05, 0.10), snapshot_every=1000) as rec:  # doctest: +SKIP
     ...     for step in range(rec.t, total_steps):
     ...         train_step(model)
@@ -86,6 +96,9 @@ class Recorder:
         async_write: bool = True,
         max_pending: int = 1,
         write: bool | None = None,
+        average_frozen: bool = False,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
     ) -> None:
         sigma_rels = tuple(check_sigma_rel(s) for s in sigma_rels)
         if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
@@ -111,6 +124,7 @@ class Recorder:
             raise InvalidValueError(f"max_pending={max_pending!r} is not a positive integer", "pass e.g. max_pending=1")
         # One staging set per file in flight: max_pending snapshot times of every EMA.
         self._writer = SnapshotWriter(background=async_write, max_pending=max_pending * len(sigma_rels))
+        self._filter = Filter.make(average_frozen=average_frozen, include=include, exclude=exclude)
         self._collect_tensors(ema_device)
         self._t = 0  # time of the latest update() call
         self._t_ema = [0] * len(sigma_rels)  # time of each EMA's latest update
@@ -136,6 +150,14 @@ class Recorder:
         self.names = [strip_wrappers(n) for n in state]
         if len(set(self.names)) != len(self.names):
             raise InvalidValueError("tensor names collide after removing wrapper prefixes", "record the unwrapped model")
+        # What is averaged (selection.py); the rest is stored once per folder (frozen.py), not in every snapshot.
+        named = dict(zip(self.names, state.values()))
+        self.roles = select(named, self._filter)
+        self._frozen = FrozenWeights(
+            self.ckpt_dir, {n: t for n, t in named.items() if self.roles[n] == STORED_ONCE}, self.names, self._filter.as_json()
+        )
+        state = {k: t for (k, t), n in zip(state.items(), self.names) if self.roles[n] != STORED_ONCE}
+        self.names = [n for n in self.names if self.roles[n] != STORED_ONCE]
         self._sources: list[torch.Tensor] = []  # unique floating-point tensors of the model
         index: dict[object, int] = {}  # storage key → position in _sources; tied weights share one EMA
         self._slots: list[tuple[bool, int]] = []  # per name: (averaged?, index into _sources or _fixed)
@@ -186,6 +208,8 @@ class Recorder:
         if not catalogue.series and not catalogue.broken:
             return
         catalogue.raise_if_broken()
+        if catalogue.series:
+            self._frozen.resume(catalogue, self.roles)  # another choice of what to average is another model
         where = self.ckpt_dir
         recorded = sorted(catalogue.series)
         # A crash between the files of the very first snapshot leaves some sigma_rels without any:
@@ -286,6 +310,7 @@ class Recorder:
         self._write(self._t)
 
     def _write(self, t: int) -> None:
+        frozen_id = self._frozen.before_snapshot(write=self.writes)  # first: written once; later: unchanged?
         if not self.writes:
             return
         storage = STORAGE_NAMES[self.snapshot_dtype]
@@ -299,10 +324,10 @@ class Recorder:
             for averaged, i in self._slots:
                 tensors.append(self._emas[k][i] if averaged else self._fixed[i])
                 dtypes.append(self.snapshot_dtype if averaged else self._fixed[i].dtype)
-            metadata = snapshot_metadata(
+            metadata = tag(snapshot_metadata(
                 sigma_rel=sigma_rel, gamma=self.gammas[k], t=t, time_unit=self.time_unit,
                 updates=self._updates[k], dtype=storage,
-            )
+            ), frozen_id)
             path = self.ckpt_dir / snapshot_name(sigma_rel, t)
             jobs.append(self._writer.stage(path, self.names, tensors, dtypes, metadata, stable=stable))
             self._written[(k, t)] = jobs[-1]
@@ -331,13 +356,21 @@ class Recorder:
 
     # -- using an EMA -----------------------------------------------------------------------------
 
-    def ema_state_dict(self, sigma_rel: float) -> dict[str, torch.Tensor]:
-        """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are)."""
+    def ema_state_dict(self, sigma_rel: float, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are).
+
+        Frozen tensors (stored once, not averaged) are included as the model's own
+        tensors, not copied; ``trainable_only=True`` leaves them out.
+        """
         k = self._index(sigma_rel)
-        return {
+        recorded = {
             name: (self._emas[k][i] if averaged else self._fixed[i]).detach().clone()
             for name, (averaged, i) in zip(self.names, self._slots)
         }
+        if trainable_only:
+            return {n: t for n, t in recorded.items() if self.roles[n] == AVERAGED}
+        frozen = self._frozen.tensors
+        return {n: recorded[n] if n in recorded else frozen[n].detach() for n in self.roles}
 
     @contextlib.contextmanager
     def swapped(self, sigma_rel: float) -> Iterator[nn.Module]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from statistics import median
 from typing import Any
 
+from .frozen import contents_report
 from .merge import NOISE_BOUND, unit_roundoff
 from .profiles import fit, sigma_rel_to_gamma
 from .snapshots import Catalogue, Snapshot, layout_problems
@@ -95,6 +96,8 @@ def inspect_report(catalogue: Catalogue) -> dict[str, Any]:
     if len(catalogue.series) == 1:
         only = next(iter(catalogue.series))
         problems.append(f"only sigma_rel {only} was recorded: other lengths cannot be synthesized from one")
+    contents, missing = contents_report(catalogue)  # averaged / as-is / stored once, with bytes
+    problems += missing
     return {
         "folder": str(catalogue.folder),
         "latest_t": catalogue.latest_t if snaps else None,
@@ -105,4 +108,5 @@ def inspect_report(catalogue: Catalogue) -> dict[str, Any]:
         "problems": problems,
         "grid": _grid(catalogue) if snaps else [],
         "faithful_below": FAITHFUL,
+        "contents": contents,
     }

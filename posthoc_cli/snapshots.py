@@ -21,6 +21,7 @@ from ._version import __version__
 from .container import Header, TensorEntry, read_header
 from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype
 from .errors import CatalogueError, SnapshotFileError
+from .frozen import FrozenFile, is_frozen, read_frozen
 from .profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
 
 FORMAT_VERSION = 1
@@ -155,6 +156,14 @@ class NotASnapshot(Exception):
     """A readable safetensors file that is not one of ours (a foreign file): skipped, not an error."""
 
 
+class StoredOnceFile(NotASnapshot):
+    """The folder's frozen weights, stored once (kind ``"frozen"``, :mod:`.frozen`): not a snapshot, not foreign."""
+
+    def __init__(self, file: FrozenFile) -> None:
+        super().__init__(f"{file.path}: frozen weights stored once")
+        self.file = file
+
+
 def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     """Read and validate a version-1 file (snapshot or synthesized) from its header alone.
 
@@ -164,6 +173,8 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     header = read_header(path)
     if METADATA_KEY not in header.metadata:
         raise NotASnapshot(f"{header.path}: safetensors file without posthoc_ema metadata")
+    if is_frozen(header):
+        raise StoredOnceFile(read_frozen(header))
     try:
         return _parse_record(header)
     except (ValueError, RecursionError) as e:
@@ -186,6 +197,7 @@ class Catalogue:
     series: dict[float, list[Snapshot]] = field(default_factory=dict)
     ignored: list[Skipped] = field(default_factory=list)  # on purpose: tmp, foreign, synthesized
     broken: list[Skipped] = field(default_factory=list)  # corrupt or contradictory: the user must act
+    frozen: list[FrozenFile] = field(default_factory=list)  # frozen weights stored once (.frozen)
 
     @property
     def snapshots(self) -> list[Snapshot]:
@@ -245,6 +257,9 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
             continue
         try:
             snap = read_snapshot(path)
+        except StoredOnceFile as found:
+            catalogue.frozen.append(found.file)
+            continue
         except NotASnapshot:
             catalogue.ignored.append(Skipped(path, "safetensors file without posthoc_ema metadata"))
             continue
