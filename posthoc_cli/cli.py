@@ -53,6 +53,7 @@ from .profiles import (
 )
 from .report import FAITHFUL, POOR, inspect_report
 from .snapshots import FLOAT_DTYPES, scan
+from .targets import ACCEPTED, Classical, closest_power, from_options, target_name
 
 # A classical EMA that still holds this much of the initial weights is no power-function EMA at all.
 MOSTLY_INITIAL = 0.5
@@ -122,6 +123,25 @@ def _check_choice(name: str, value: str, choices: list[str]) -> None:
         raise InvalidValueError(f"{name} {value!r} is not supported", f"use one of {', '.join(choices)}")
 
 
+# -- targets (the same options on synthesize, inspect, plan and plot) --------------------------------
+
+SigmaRels = Annotated[
+    list[float] | None,
+    typer.Option("--sigma-rel", "-s", help="Target power EMA length, in (0, 0.2887); repeatable."),
+]
+Betas = Annotated[
+    list[float] | None,
+    typer.Option("--beta", help="Target classical EMA of constant decay B (= --ema beta=B); repeatable."),
+]
+Specs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ema", metavar="SPEC",
+        help="Target of any kind; repeatable. " + ACCEPTED.replace("[", "\\[") + ". See the README.",
+    ),
+]
+
+
 # -- synthesize -------------------------------------------------------------------------------------
 
 
@@ -129,9 +149,9 @@ def _check_choice(name: str, value: str, choices: list[str]) -> None:
     epilog="Example:  posthoc-ema synthesize ckpts --sigma-rel 0.15 --out ema.safetensors",
 )
 def synthesize(
-    sigma_rel: Annotated[
-        list[float], typer.Option("--sigma-rel", "-s", help="Target EMA length, in (0, 0.2887); repeat for several.")
-    ],
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
     step: Annotated[
         int | None, typer.Option("--step", "-t", help="Target training time (default: the latest snapshot).")
@@ -153,10 +173,10 @@ def synthesize(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
-    """Write the EMA of any length, synthesized from the recorded snapshots.
+    """Write the EMA of any length or kind, synthesized from the recorded snapshots.
 
     Solves for the weights of the snapshots that best reproduce each requested
-    sigma_rel at the target time, then streams their weighted sum into one
+    target (--sigma-rel, --beta, --ema; mixable) at the target time, then streams their weighted sum into one
     safetensors file per target, tensor by tensor, in a single pass over the
     inputs. The result loads with model.load_state_dict(safetensors.torch.load_file(path)).
     An existing output is kept unless --force is given; a failed run leaves no output.
@@ -165,7 +185,7 @@ def synthesize(
         if dtype is not None:
             _check_choice("--dtype", dtype, list(FLOAT_DTYPES))
         _check_choice("--accumulate", accumulate, list(ACCUMULATE))
-        p = plan(folder, sigma_rel, t=step)
+        p = plan(folder, from_options(sigma_rel, beta, ema), t=step)
         paths = output_paths(p, out)
         started = time.perf_counter()
         steps = synthesize_iter(
@@ -211,7 +231,7 @@ def _inputs_used(p: Plan, j: int) -> int:
 def _synthesis_warnings(p: Plan) -> list[str]:
     notes = list(p.warnings())
     latest = p.fixed_from.t  # the last snapshot at or before the target time
-    for sigma_rel, error in zip(p.sigma_rels, p.fit.profile_error):
+    for target, error in zip(p.targets, p.fit.profile_error):
         if error > POOR:
             where = (  # the end of an EMA's profile lies after the last snapshot: nothing records it
                 f"--step {p.t} is after the last snapshot at or before it (t={latest}); use --step {latest}"
@@ -219,7 +239,8 @@ def _synthesis_warnings(p: Plan) -> list[str]:
                 else "`posthoc-ema inspect` shows which lengths are faithful"
             )
             notes.append(
-                f"sigma_rel {sigma_rel}: profile error {error:.2g} — the snapshots represent this length only roughly; {where}"
+                f"{target_name(target)}: profile error {error:.2g} — the snapshots represent this "
+                f"{'length' if target.sigma_rel is not None else 'target'} only roughly; {where}"
             )
     if p.skipped_files:
         notes.append(f"{p.skipped_files} file(s) in {p.folder} are not snapshots and were ignored (see `posthoc-ema inspect`)")
@@ -240,15 +261,17 @@ def _synthesis_document(
         "inputs": [{"file": str(s.path), "sigma_rel": s.sigma_rel, "t": s.t} for s in p.inputs],
         "outputs": [
             {
-                "sigma_rel": sigma_rel,
-                "gamma": sigma_rel_to_gamma(sigma_rel),
+                "target": target.spec,
+                "sigma_rel": target.sigma_rel,  # null for targets that are not power-function EMAs
+                "gamma": None if target.sigma_rel is None else sigma_rel_to_gamma(target.sigma_rel),
+                "initial_weight": target.initial_weight(p.t),
                 "path": str(path),
                 "inputs_used": _inputs_used(p, j),
                 "profile_error": float(p.fit.profile_error[j]),
                 "sum_abs_weights": float(p.fit.sum_abs_weights[j]),
                 "weights": [float(w) for w in p.fit.weights[:, j]],
             }
-            for j, (sigma_rel, path) in enumerate(zip(p.sigma_rels, paths))
+            for j, (target, path) in enumerate(zip(p.targets, paths))
         ],
         "warnings": warnings,
     }
@@ -263,13 +286,15 @@ def _print_synthesis(p: Plan, paths: list[Path], total: int, seconds: float) -> 
         f"{human_bytes(total)} read in {seconds:.2f} s"
     )
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for header in ("sigma_rel", "gamma", "inputs used", "profile error", "Σ|w|"):
+    first = "sigma_rel" if all(x.sigma_rel is not None for x in p.targets) else "target"
+    for header in (first, "gamma", "inputs used", "profile error", "Σ|w|"):
         table.add_column(header, justify="right")
     table.add_column("output", overflow="fold")
-    for j, (sigma_rel, path) in enumerate(zip(p.sigma_rels, paths)):
+    for j, (target, path) in enumerate(zip(p.targets, paths)):
+        s = target.sigma_rel
         table.add_row(
-            f"{sigma_rel:g}",
-            f"{sigma_rel_to_gamma(sigma_rel):.2f}",
+            f"{s:g}" if s is not None else escape(target.spec),
+            f"{sigma_rel_to_gamma(s):.2f}" if s is not None else "-",
             str(_inputs_used(p, j)),
             _fmt(float(p.fit.profile_error[j]), 2),
             f"{float(p.fit.sum_abs_weights[j]):.3g}",
@@ -284,6 +309,9 @@ def _print_synthesis(p: Plan, paths: list[Path], total: int, seconds: float) -> 
 @app.command(epilog="Example:  posthoc-ema inspect ckpts   (or --json for scripts)")
 def inspect(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Show what a snapshot folder holds and which EMA lengths it can synthesize, and how well.
@@ -293,12 +321,15 @@ def inspect(
     found (files skipped and why, gaps in the schedule, snapshots whose tensors
     disagree), and for target lengths from 0.01 to 0.28 at the latest time the
     profile error and Σ|w| of the best mix of snapshots: lengths with an error
-    below 0.01 are faithful. Broken or foreign files are listed, never fatal;
-    the exit code is 1 only when the folder holds no usable snapshot at all.
+    below 0.01 are faithful. --sigma-rel, --beta and --ema add a row for each
+    such target: how faithfully this folder reproduces it. Broken or foreign
+    files are listed, never fatal; the exit code is 1 only when the folder holds
+    no usable snapshot at all.
     """
     with _user_errors():
+        targets = from_options(sigma_rel, beta, ema, required=False)
         catalogue = scan(folder)
-        report = inspect_report(catalogue)
+        report = inspect_report(catalogue, targets)
         if as_json:
             _json(report)
         else:
@@ -355,6 +386,29 @@ def _print_inspect(report: dict[str, Any]) -> None:
             )
         console.print()
         console.print(table)
+    if report.get("targets"):
+        console.print()
+        console.print(_targets_table(report["targets"], f"Asked-for targets at t={report['latest_t']}"))
+
+
+def _targets_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """One row per asked-for target: profile error, Σ|w|, weight on the initial weights, nearest power EMA."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in ("target", "profile error", "Σ|w|", "initial", "closest power EMA", ""):
+        table.add_column(header, justify="left" if header in ("target", "") else "right")
+    for row in rows:
+        if "refused" in row:
+            table.add_row(escape(row["target"]), "-", "-", "-", "-", escape(f"refused: {row['refused']}"))
+            continue
+        verdict = "faithful" if row["faithful"] else "approximate" if row["profile_error"] < POOR else "poor"
+        if row["profile_error"] < FAITHFUL and not row["faithful"]:
+            verdict = f"noisy (rounding ~{row['rounding_noise']:.0e})"
+        table.add_row(
+            escape(row["target"]), _fmt(row["profile_error"], 2), f"{row['sum_abs_weights']:.3g}",
+            _fmt(row["initial_weight"], 2),
+            f"sigma_rel {row['closest_sigma_rel']:.4g} (distance {_fmt(row['closest_distance'], 2)})", verdict,
+        )
+    return table
 
 
 # -- classical EMA ----------------------------------------------------------------------------------
