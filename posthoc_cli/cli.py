@@ -370,25 +370,26 @@ def _print_inspect(report: dict[str, Any]) -> None:
         if report["broken"]:
             console.print("  synthesize refuses to run until the broken files above are moved out of the folder.")
     if report["grid"]:
-        table = Table(
-            title=f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})",
-            title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
-        )
-        for header in ("sigma_rel", "gamma", "profile error", "Σ|w|", ""):
-            table.add_column(header, justify="right" if header else "left")
-        for row in report["grid"]:
-            verdict = "faithful" if row["faithful"] else "approximate" if row["profile_error"] < POOR else "poor"
-            if row["profile_error"] < FAITHFUL and not row["faithful"]:
-                verdict = f"noisy (rounding ~{row['rounding_noise']:.0e})"
-            table.add_row(
-                f"{row['sigma_rel']:g}", f"{row['gamma']:.2f}", _fmt(row["profile_error"], 2),
-                f"{row['sum_abs_weights']:.3g}", verdict + (" (recorded)" if row["recorded"] else ""),
-            )
         console.print()
-        console.print(table)
+        console.print(_grid_table(report["grid"], f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})"))
     if report.get("targets"):
         console.print()
         console.print(_targets_table(report["targets"], f"Asked-for targets at t={report['latest_t']}"))
+
+
+def _grid_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in ("sigma_rel", "gamma", "profile error", "Σ|w|", ""):
+        table.add_column(header, justify="right" if header else "left")
+    for row in rows:
+        verdict = "faithful" if row["faithful"] else "approximate" if row["profile_error"] < POOR else "poor"
+        if row["profile_error"] < FAITHFUL and not row["faithful"]:
+            verdict = f"noisy (rounding ~{row['rounding_noise']:.0e})"
+        table.add_row(
+            f"{row['sigma_rel']:g}", f"{row['gamma']:.2f}", _fmt(row["profile_error"], 2),
+            f"{row['sum_abs_weights']:.3g}", verdict + (" (recorded)" if row["recorded"] else ""),
+        )
+    return table
 
 
 def _targets_table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -409,6 +410,85 @@ def _targets_table(rows: list[dict[str, Any]], title: str) -> Table:
             f"sigma_rel {row['closest_sigma_rel']:.4g} (distance {_fmt(row['closest_distance'], 2)})", verdict,
         )
     return table
+
+
+# -- plan -------------------------------------------------------------------------------------------
+
+
+@app.command(
+    "plan",
+    epilog="Examples:  posthoc-ema plan --steps 100000 --snapshot-every 5000 --record 0.05 --record 0.10 --beta 0.9999"
+    "   |   posthoc-ema plan --steps 100000 --want 0.03..0.25 --beta 0.9999",
+)
+def plan_command(
+    steps: Annotated[int, typer.Option("--steps", "-T", help="Training length T (the target time).")],
+    snapshot_every: Annotated[
+        int | None, typer.Option("--snapshot-every", help="Recorder's snapshot interval (with --record).")
+    ] = None,
+    record: Annotated[list[float] | None, typer.Option("--record", help="A sigma_rel to record; repeat.")] = None,
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
+    want: Annotated[
+        str | None, typer.Option("--want", metavar="LO..HI", help="Recommend a recording for this sigma_rel range.")
+    ] = None,
+    max_error: Annotated[float, typer.Option("--max-error", help="Profile error the recommendation must stay below.")] = FAITHFUL,
+    params: Annotated[int | None, typer.Option("--params", min=1, help="Averaged parameters, for the disk cost.")] = None,
+    dtype: Annotated[str, typer.Option(help="Snapshot dtype: float32, float16 or bfloat16.")] = "float32",
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Draw profile error vs sigma_rel.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+) -> None:
+    """Before training: what a recording will reproduce, and what it costs; or the cheapest that suffices.
+
+    With --snapshot-every and --record: the table `inspect` will print for that
+    folder (profile error and Σ|w| of lengths 0.01..0.28, a row per target) and
+    the disk it takes (with --params). Without --record: a recommendation, the
+    cheapest pair (or triple) of sigma_rels and the largest snapshot interval
+    whose profile error stays below --max-error for every --want length and target.
+    """
+    from . import planning
+
+    with _user_errors():
+        targets = from_options(sigma_rel, beta, ema, required=False)
+        if record:
+            if snapshot_every is None:
+                raise InvalidValueError("--record needs --snapshot-every", "give the Recorder's snapshot interval")
+            report = planning.plan_report(steps=steps, snapshot_every=snapshot_every, record=record,
+                                          targets=targets, params=params, dtype=dtype)
+            document: dict[str, Any] = report
+        else:
+            wanted = planning.parse_range(want) if want is not None else None
+            document = planning.recommend(steps=steps, want=wanted, targets=targets, max_error=max_error,
+                                          dtype=dtype, params=params)
+            if document["record"] is None:
+                raise _fail(f"no pair or triple of sigma_rels tried reaches profile error {max_error:g} for "
+                            f"{', '.join(document['wanted'][:4])}{' …' if len(document['wanted']) > 4 else ''} — "
+                            "allow a larger --max-error or narrow --want", 1)
+            report = document["plan"]
+        if plot is not None:
+            from .plotting import draw_plan
+
+            draw_plan(report, plot)
+        if as_json:
+            _json(document)
+            return
+        console = _stdout()
+        if not record:
+            console.print(
+                f"Recommended: --record {' --record '.join(f'{s:g}' for s in document['record'])} "
+                f"--snapshot-every {document['snapshot_every']} ({document['snapshots']} snapshots; "
+                f"worst profile error {document['worst_error']:.2g} ≤ {max_error:g})\n"
+            )
+        disk = "" if report["disk_bytes"] is None else f", {human_bytes(report['disk_bytes'])} of tensors ({report['dtype']})"
+        console.print(
+            f"Recording sigma_rel {', '.join(f'{s:g}' for s in report['record'])} every {report['snapshot_every']} steps "
+            f"up to {report['steps']}: {report['snapshots']} snapshots{disk}; synthesis at t={report['latest_t']}"
+        )
+        console.print()
+        console.print(_grid_table(report["grid"], f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})"))
+        if report["targets"]:
+            console.print()
+            console.print(_targets_table(report["targets"], f"Targets at t={report['latest_t']}"))
 
 
 # -- classical EMA ----------------------------------------------------------------------------------
@@ -439,6 +519,7 @@ def beta_to_sigma(
         int | None, typer.Option("--steps", "-T", min=1, help="Training length T; prints the sigma_rel alone.")
     ] = None,
     update_every: Annotated[int, typer.Option("--update-every", "-k", min=1, help="The EMA is updated every k steps.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
 ) -> None:
     """Translate a classical EMA decay (beta) into the sigma_rel of post-hoc EMA.
 
@@ -449,7 +530,9 @@ def beta_to_sigma(
     have (sigma_rel ≥ 1/√12, or an EMA that is still mostly its initial weights)
     are reported on stderr with exit code 1 instead. Without --steps a table
     for several training lengths is printed, with the half-life and the standard
-    deviation of the EMA in steps.
+    deviation of the EMA in steps. Equal standard deviation is not equal shape:
+    the power-function EMA closest in profile (to the EMA as torch's AveragedModel
+    keeps it, the first update a copy) is printed too, on stderr with --steps.
     """
     with _user_errors():
         half_life, std = beta_half_life(beta, update_every), beta_std_steps(beta, update_every)
@@ -459,21 +542,36 @@ def beta_to_sigma(
                 too_short = sigma_rel < SIGMA_REL_MIN  # the other failures are EMAs too long for the run
                 raise _fail(f"beta {beta} after {steps} steps: {_unreachable(sigma_rel, initial)} — "
                             f"use {'a larger beta or a shorter run' if too_short else 'a smaller beta or a longer run'}", 1)
+            closest, distance = closest_power(Classical(beta, update_every), steps)
+            if as_json:
+                _json({"beta": beta, "steps": steps, "update_every": update_every, "sigma_rel": sigma_rel,
+                       "initial_weight": initial, "closest_sigma_rel": closest, "profile_distance": distance})
+                return
             sys.stdout.write(f"{sigma_rel:.6g}\n")
+            _say(f"closest power-function EMA in profile: sigma_rel {closest:.6g} (relative profile distance {distance:.2g})")
             return
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        for header in ("training length T", "sigma_rel", "gamma", ""):
+        for header in ("training length T", "sigma_rel", "gamma", "closest in profile", ""):
             table.add_column(header, justify="right" if header else "left")
         first = max(2, int(math.floor(math.log10(std))))
+        rows: list[dict[str, Any]] = []
         for exponent in range(first, first + 5):  # every row is computed before anything is printed
             t = 10**exponent
             if t < update_every:
                 continue
             sigma_rel, initial, ok = _classical(beta, t, update_every)
+            row: dict[str, Any] = {"steps": t, "sigma_rel": sigma_rel if ok else None, "initial_weight": initial}
             if ok:
-                table.add_row(f"{t:,}", f"{sigma_rel:.4g}", f"{sigma_rel_to_gamma(sigma_rel):.2f}", "")
+                row["closest_sigma_rel"], row["profile_distance"] = closest_power(Classical(beta, update_every), t)
+                table.add_row(f"{t:,}", f"{sigma_rel:.4g}", f"{sigma_rel_to_gamma(sigma_rel):.2f}",
+                              f"{row['closest_sigma_rel']:.4g} (distance {row['profile_distance']:.2g})", "")
             else:
-                table.add_row(f"{t:,}", "-", "-", _unreachable(sigma_rel, initial))
+                row["problem"] = _unreachable(sigma_rel, initial)
+                table.add_row(f"{t:,}", "-", "-", "-", row["problem"])
+            rows.append(row)
+        if as_json:
+            _json({"beta": beta, "update_every": update_every, "half_life": half_life, "std_steps": std, "rows": rows})
+            return
         console = _stdout()
         every = "every step" if update_every == 1 else f"every {update_every} steps"
         console.print(f"Classical EMA with beta = {beta!r}, updated {every}")
