@@ -547,8 +547,8 @@ def beta_to_sigma(
                 _json({"beta": beta, "steps": steps, "update_every": update_every, "sigma_rel": sigma_rel,
                        "initial_weight": initial, "closest_sigma_rel": closest, "profile_distance": distance})
                 return
-            sys.stdout.write(f"{sigma_rel:.6g}\n")
             _say(f"closest power-function EMA in profile: sigma_rel {closest:.6g} (relative profile distance {distance:.2g})")
+            sys.stdout.write(f"{sigma_rel:.6g}\n")
             return
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for header in ("training length T", "sigma_rel", "gamma", "closest in profile", ""):
