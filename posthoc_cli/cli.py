@@ -491,6 +491,37 @@ def plan_command(
             console.print(_targets_table(report["targets"], f"Targets at t={report['latest_t']}"))
 
 
+# -- plot -------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example:  posthoc-ema plot ckpts --beta 0.9999 -s 0.1 --out ema.png   (needs pip install 'posthoc-ema[plot]')")
+def plot(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE.png", help="The PNG to write.")] = Path("posthoc-ema.png"),
+    step: Annotated[int | None, typer.Option("--step", "-t", help="Target training time (default: the latest).")] = None,
+) -> None:
+    """Draw each target's profile over training time next to its reconstruction from the snapshots
+    (snapshot times marked), and the profile error against sigma_rel (recorded lengths marked,
+    the faithful band shaded, other targets placed at their closest sigma_rel)."""
+    from .plotting import draw, plot_series
+
+    with _user_errors():
+        targets = from_options(sigma_rel, beta, ema, required=False)
+        catalogue = scan(folder)
+        catalogue.raise_if_broken()
+        snaps = catalogue.snapshots
+        if not snaps:
+            raise CatalogueError(f"no posthoc-ema snapshots in {catalogue.folder}", "pass the folder the Recorder wrote")
+        t = catalogue.latest_t if step is None else step
+        dtype = max((s.dtype for s in snaps), key=lambda d: {"float32": 0, "bfloat16": 2, "float16": 1}[d])
+        series = plot_series([s.t for s in snaps], [s.sigma_rel for s in snaps], t, targets, dtype)
+        draw(series, out, time_unit=snaps[-1].time_unit)
+        _say(f"wrote {out}")
+
+
 # -- classical EMA ----------------------------------------------------------------------------------
 
 

@@ -272,7 +272,8 @@ class Power(Target):
     def step_weights(self, t: int) -> tuple[np.ndarray, float]:
         k = np.arange(1, t + 1, dtype=np.float64)
         s = self.gamma + 1.0
-        return np.power(k / t, s) * -np.expm1(s * np.log1p(-1.0 / k)), 0.0
+        with np.errstate(divide="ignore"):  # k = 1: log1p(−1) = −inf gives the exact (1/t)^s
+            return np.power(k / t, s) * -np.expm1(s * np.log1p(-1.0 / k)), 0.0
 
     def label(self) -> str:
         return f"s{self._sigma_rel!r}"
