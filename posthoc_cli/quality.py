@@ -88,8 +88,8 @@ def target_rows(
             ok = [(i, target) for i, target in ok if target.sigma_rel in recorded]
     if ok:
         result = fit_targets(list(t_in), list(sigma_rel_in), [target for _, target in ok], t)
-        for (i, _), e, a in zip(ok, result.profile_error, result.sum_abs_weights):
-            rows[i].update(_row(float(e), float(a), unit))
+        for (i, _), error, amp in zip(ok, result.profile_error, result.sum_abs_weights):
+            rows[i].update(_row(float(error), float(amp), unit))
     return rows
 
 

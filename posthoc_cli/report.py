@@ -10,7 +10,7 @@ from typing import Any
 
 from collections.abc import Sequence
 
-from .quality import FAITHFUL, POOR, grid, target_rows, unit_roundoff
+from .quality import FAITHFUL, POOR, grid, target_rows, unit_roundoff  # FAITHFUL, POOR: also imported from here
 from .snapshots import Catalogue, Snapshot, layout_problems
 from .targets import Target
 
