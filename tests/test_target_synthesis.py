@@ -89,12 +89,13 @@ def test_synthesized_targets_match_the_directly_tracked_emas(run: dict) -> None:
     assert errors["beta=0.99"]["dense"] < errors["beta=0.99"]["sparse"]
 
 
-def test_mixed_targets_in_one_pass_are_the_same_bits_as_each_alone(run: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulate", ["float32", "float64"])
+def test_mixed_targets_in_one_pass_are_the_same_bits_as_each_alone(run: dict, tmp_path: Path, accumulate: str) -> None:
     ckpts = run["root"] / "dense"
-    targets = [0.08, "beta=0.99", "window=300", "diffusers:decay=0.999"]
-    together = synthesize(ckpts, targets, out=tmp_path / "together")
+    targets = [0.08, "beta=0.99", "window=300", "diffusers:decay=0.999", "litema:decay=0.995"]
+    together = synthesize(ckpts, targets, out=tmp_path / "together", accumulate=accumulate)
     for target, path in zip(targets, together):
-        alone = synthesize(ckpts, target, out=tmp_path / "alone" / path.name)[0]
+        alone = synthesize(ckpts, target, out=tmp_path / "alone" / path.name, accumulate=accumulate)[0]
         a, b = safetensors.torch.load_file(path), safetensors.torch.load_file(alone)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), target
 
