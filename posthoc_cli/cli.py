@@ -53,6 +53,7 @@ from .profiles import (
 )
 from .report import FAITHFUL, POOR, inspect_report
 from .snapshots import FLOAT_DTYPES, scan
+from .targets import ACCEPTED, Classical, closest_power, from_options, target_name
 
 if TYPE_CHECKING:
     from . import demo as demo_lib
@@ -140,6 +141,25 @@ def _check_choice(name: str, value: str, choices: list[str]) -> None:
         raise InvalidValueError(f"{name} {value!r} is not supported", f"use one of {', '.join(choices)}")
 
 
+# -- targets (the same options on synthesize, inspect, plan and plot) --------------------------------
+
+SigmaRels = Annotated[
+    list[float] | None,
+    typer.Option("--sigma-rel", "-s", help="Target power EMA length, in (0, 0.2887); repeatable."),
+]
+Betas = Annotated[
+    list[float] | None,
+    typer.Option("--beta", help="Target classical EMA of constant decay B (= --ema beta=B); repeatable."),
+]
+Specs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ema", metavar="SPEC",
+        help="Target of any kind; repeatable. " + ACCEPTED.replace("[", "\\[") + ". See the README.",
+    ),
+]
+
+
 # -- synthesize -------------------------------------------------------------------------------------
 
 
@@ -147,9 +167,9 @@ def _check_choice(name: str, value: str, choices: list[str]) -> None:
     epilog="Example:  posthoc-ema synthesize ckpts --sigma-rel 0.15 --out ema.safetensors",
 )
 def synthesize(
-    sigma_rel: Annotated[
-        list[float], typer.Option("--sigma-rel", "-s", help="Target EMA length, in (0, 0.2887); repeat for several.")
-    ],
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
     step: Annotated[
         int | None, typer.Option("--step", "-t", help="Target training time (default: the latest snapshot).")
@@ -178,10 +198,10 @@ def synthesize(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
-    """Write the EMA of any length, synthesized from the recorded snapshots.
+    """Write the EMA of any length or kind, synthesized from the recorded snapshots.
 
     Solves for the weights of the snapshots that best reproduce each requested
-    sigma_rel at the target time, then streams their weighted sum into one
+    target (--sigma-rel, --beta, --ema; mixable) at the target time, then streams their weighted sum into one
     safetensors file per target, tensor by tensor, in a single pass over the
     inputs. The result loads with model.load_state_dict(safetensors.torch.load_file(path)):
     frozen weights stored once are copied in, bit for bit, unless --trainable-only.
@@ -191,7 +211,7 @@ def synthesize(
         if dtype is not None:
             _check_choice("--dtype", dtype, list(FLOAT_DTYPES))
         _check_choice("--accumulate", accumulate, list(ACCUMULATE))
-        p = plan(folder, sigma_rel, t=step)
+        p = plan(folder, from_options(sigma_rel, beta, ema), t=step)
         paths = output_paths(p, out)
         started = time.perf_counter()
         steps = synthesize_iter(
@@ -238,7 +258,7 @@ def _inputs_used(p: Plan, j: int) -> int:
 def _synthesis_warnings(p: Plan) -> list[str]:
     notes = list(p.warnings())
     latest = p.fixed_from.t  # the last snapshot at or before the target time
-    for sigma_rel, error in zip(p.sigma_rels, p.fit.profile_error):
+    for target, error in zip(p.targets, p.fit.profile_error):
         if error > POOR:
             where = (  # the end of an EMA's profile lies after the last snapshot: nothing records it
                 f"--step {p.t} is after the last snapshot at or before it (t={latest}); use --step {latest}"
@@ -246,7 +266,8 @@ def _synthesis_warnings(p: Plan) -> list[str]:
                 else "`posthoc-ema inspect` shows which lengths are faithful"
             )
             notes.append(
-                f"sigma_rel {sigma_rel}: profile error {error:.2g} — the snapshots represent this length only roughly; {where}"
+                f"{target_name(target)}: profile error {error:.2g} — the snapshots represent this "
+                f"{'length' if target.sigma_rel is not None else 'target'} only roughly; {where}"
             )
     if p.skipped_files:
         notes.append(f"{p.skipped_files} file(s) in {p.folder} are not snapshots and were ignored (see `posthoc-ema inspect`)")
@@ -267,15 +288,17 @@ def _synthesis_document(
         "inputs": [{"file": str(s.path), "sigma_rel": s.sigma_rel, "t": s.t} for s in p.inputs],
         "outputs": [
             {
-                "sigma_rel": sigma_rel,
-                "gamma": sigma_rel_to_gamma(sigma_rel),
+                "target": target.spec,
+                "sigma_rel": target.sigma_rel,  # null for targets that are not power-function EMAs
+                "gamma": None if target.sigma_rel is None else sigma_rel_to_gamma(target.sigma_rel),
+                "initial_weight": target.initial_weight(p.t),
                 "path": str(path),
                 "inputs_used": _inputs_used(p, j),
                 "profile_error": float(p.fit.profile_error[j]),
                 "sum_abs_weights": float(p.fit.sum_abs_weights[j]),
                 "weights": [float(w) for w in p.fit.weights[:, j]],
             }
-            for j, (sigma_rel, path) in enumerate(zip(p.sigma_rels, paths))
+            for j, (target, path) in enumerate(zip(p.targets, paths))
         ],
         "warnings": warnings,
     }
@@ -290,13 +313,15 @@ def _print_synthesis(p: Plan, paths: list[Path], total: int, seconds: float) -> 
         f"{human_bytes(total)} read in {seconds:.2f} s"
     )
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for header in ("sigma_rel", "gamma", "inputs used", "profile error", "Σ|w|"):
+    first = "sigma_rel" if all(x.sigma_rel is not None for x in p.targets) else "target"
+    for header in (first, "gamma", "inputs used", "profile error", "Σ|w|"):
         table.add_column(header, justify="right")
     table.add_column("output", overflow="fold")
-    for j, (sigma_rel, path) in enumerate(zip(p.sigma_rels, paths)):
+    for j, (target, path) in enumerate(zip(p.targets, paths)):
+        s = target.sigma_rel
         table.add_row(
-            f"{sigma_rel:g}",
-            f"{sigma_rel_to_gamma(sigma_rel):.2f}",
+            f"{s:g}" if s is not None else escape(target.spec),
+            f"{sigma_rel_to_gamma(s):.2f}" if s is not None else "-",
             str(_inputs_used(p, j)),
             _fmt(float(p.fit.profile_error[j]), 2),
             f"{float(p.fit.sum_abs_weights[j]):.3g}",
@@ -311,6 +336,9 @@ def _print_synthesis(p: Plan, paths: list[Path], total: int, seconds: float) -> 
 @app.command(epilog="Example:  posthoc-ema inspect ckpts   (or --json for scripts)")
 def inspect(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Show what a snapshot folder holds and which EMA lengths it can synthesize, and how well.
@@ -320,12 +348,15 @@ def inspect(
     found (files skipped and why, gaps in the schedule, snapshots whose tensors
     disagree), and for target lengths from 0.01 to 0.28 at the latest time the
     profile error and Σ|w| of the best mix of snapshots: lengths with an error
-    below 0.01 are faithful. Broken or foreign files are listed, never fatal;
-    the exit code is 1 only when the folder holds no usable snapshot at all.
+    below 0.01 are faithful. --sigma-rel, --beta and --ema add a row for each
+    such target: how faithfully this folder reproduces it. Broken or foreign
+    files are listed, never fatal; the exit code is 1 only when the folder holds
+    no usable snapshot at all.
     """
     with _user_errors():
+        targets = from_options(sigma_rel, beta, ema, required=False)
         catalogue = scan(folder)
-        report = inspect_report(catalogue)
+        report = inspect_report(catalogue, targets)
         if as_json:
             _json(report)
         else:
@@ -385,22 +416,156 @@ def _print_inspect(report: dict[str, Any]) -> None:
         if report["broken"]:
             console.print("  synthesize refuses to run until the broken files above are moved out of the folder.")
     if report["grid"]:
-        table = Table(
-            title=f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})",
-            title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
-        )
-        for header in ("sigma_rel", "gamma", "profile error", "Σ|w|", ""):
-            table.add_column(header, justify="right" if header else "left")
-        for row in report["grid"]:
-            verdict = "faithful" if row["faithful"] else "approximate" if row["profile_error"] < POOR else "poor"
-            if row["profile_error"] < FAITHFUL and not row["faithful"]:
-                verdict = f"noisy (rounding ~{row['rounding_noise']:.0e})"
-            table.add_row(
-                f"{row['sigma_rel']:g}", f"{row['gamma']:.2f}", _fmt(row["profile_error"], 2),
-                f"{row['sum_abs_weights']:.3g}", verdict + (" (recorded)" if row["recorded"] else ""),
-            )
         console.print()
-        console.print(table)
+        console.print(_grid_table(report["grid"], f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})"))
+    if report.get("targets"):
+        console.print()
+        console.print(_targets_table(report["targets"], f"Asked-for targets at t={report['latest_t']}"))
+
+
+def _grid_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in ("sigma_rel", "gamma", "profile error", "Σ|w|", ""):
+        table.add_column(header, justify="right" if header else "left")
+    for row in rows:
+        verdict = "faithful" if row["faithful"] else "approximate" if row["profile_error"] < POOR else "poor"
+        if row["profile_error"] < FAITHFUL and not row["faithful"]:
+            verdict = f"noisy (rounding ~{row['rounding_noise']:.0e})"
+        table.add_row(
+            f"{row['sigma_rel']:g}", f"{row['gamma']:.2f}", _fmt(row["profile_error"], 2),
+            f"{row['sum_abs_weights']:.3g}", verdict + (" (recorded)" if row["recorded"] else ""),
+        )
+    return table
+
+
+def _targets_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """One row per asked-for target: profile error, Σ|w|, weight on the initial weights, nearest power EMA."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in ("target", "profile error", "Σ|w|", "initial", "closest power EMA", ""):
+        table.add_column(header, justify="left" if header in ("target", "") else "right")
+    for row in rows:
+        if "refused" in row:
+            table.add_row(escape(row["target"]), "-", "-", "-", "-", escape(f"refused: {row['refused']}"))
+            continue
+        verdict = "faithful" if row["faithful"] else "approximate" if row["profile_error"] < POOR else "poor"
+        if row["profile_error"] < FAITHFUL and not row["faithful"]:
+            verdict = f"noisy (rounding ~{row['rounding_noise']:.0e})"
+        table.add_row(
+            escape(row["target"]), _fmt(row["profile_error"], 2), f"{row['sum_abs_weights']:.3g}",
+            _fmt(row["initial_weight"], 2),
+            f"sigma_rel {row['closest_sigma_rel']:.4g} (distance {_fmt(row['closest_distance'], 2)})", verdict,
+        )
+    return table
+
+
+# -- plan -------------------------------------------------------------------------------------------
+
+
+@app.command(
+    "plan",
+    epilog="Examples:  posthoc-ema plan --steps 100000 --snapshot-every 5000 --record 0.05 --record 0.10 --beta 0.9999"
+    "   |   posthoc-ema plan --steps 100000 --want 0.03..0.25 --beta 0.9999",
+)
+def plan_command(
+    steps: Annotated[int, typer.Option("--steps", "-T", help="Training length T (the target time).")],
+    snapshot_every: Annotated[
+        int | None, typer.Option("--snapshot-every", help="Recorder's snapshot interval (with --record).")
+    ] = None,
+    record: Annotated[list[float] | None, typer.Option("--record", help="A sigma_rel to record; repeat.")] = None,
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
+    want: Annotated[
+        str | None, typer.Option("--want", metavar="LO..HI", help="Recommend a recording for this sigma_rel range.")
+    ] = None,
+    max_error: Annotated[float, typer.Option("--max-error", help="Profile error the recommendation must stay below.")] = FAITHFUL,
+    params: Annotated[int | None, typer.Option("--params", min=1, help="Averaged parameters, for the disk cost.")] = None,
+    dtype: Annotated[str, typer.Option(help="Snapshot dtype: float32, float16 or bfloat16.")] = "float32",
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Draw profile error vs sigma_rel.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+) -> None:
+    """Before training: what a recording will reproduce, and what it costs; or the cheapest that suffices.
+
+    With --snapshot-every and --record: the table `inspect` will print for that
+    folder (profile error and Σ|w| of lengths 0.01..0.28, a row per target) and
+    the disk it takes (with --params). Without --record: a recommendation, the
+    cheapest pair (or triple) of sigma_rels and the largest snapshot interval
+    whose profile error stays below --max-error for every --want length and target.
+    """
+    from . import planning
+
+    with _user_errors():
+        targets = from_options(sigma_rel, beta, ema, required=False)
+        if record:
+            if snapshot_every is None:
+                raise InvalidValueError("--record needs --snapshot-every", "give the Recorder's snapshot interval")
+            report = planning.plan_report(steps=steps, snapshot_every=snapshot_every, record=record,
+                                          targets=targets, params=params, dtype=dtype)
+            document: dict[str, Any] = report
+        else:
+            wanted = planning.parse_range(want) if want is not None else None
+            document = planning.recommend(steps=steps, want=wanted, targets=targets, max_error=max_error,
+                                          dtype=dtype, params=params)
+            if document["record"] is None:
+                raise _fail(f"no pair or triple of sigma_rels tried reaches profile error {max_error:g} for "
+                            f"{', '.join(document['wanted'][:4])}{' …' if len(document['wanted']) > 4 else ''} — "
+                            "allow a larger --max-error or narrow --want", 1)
+            report = document["plan"]
+        if plot is not None:
+            from .plotting import draw_plan
+
+            draw_plan(report, plot)
+        if as_json:
+            _json(document)
+            return
+        console = _stdout()
+        if not record:
+            console.print(
+                f"Recommended: --record {' --record '.join(f'{s:g}' for s in document['record'])} "
+                f"--snapshot-every {document['snapshot_every']} ({document['snapshots']} snapshots; "
+                f"worst profile error {document['worst_error']:.2g} ≤ {max_error:g})\n"
+            )
+        disk = "" if report["disk_bytes"] is None else f", {human_bytes(report['disk_bytes'])} of tensors ({report['dtype']})"
+        console.print(
+            f"Recording sigma_rel {', '.join(f'{s:g}' for s in report['record'])} every {report['snapshot_every']} steps "
+            f"up to {report['steps']}: {report['snapshots']} snapshots{disk}; synthesis at t={report['latest_t']}"
+        )
+        console.print()
+        console.print(_grid_table(report["grid"], f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})"))
+        if report["targets"]:
+            console.print()
+            console.print(_targets_table(report["targets"], f"Targets at t={report['latest_t']}"))
+
+
+# -- plot -------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example:  posthoc-ema plot ckpts --beta 0.9999 -s 0.1 --out ema.png   (needs pip install 'posthoc-ema[plot]')")
+def plot(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    ema: Specs = None,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE.png", help="The PNG to write.")] = Path("posthoc-ema.png"),
+    step: Annotated[int | None, typer.Option("--step", "-t", help="Target training time (default: the latest).")] = None,
+) -> None:
+    """Draw each target's profile over training time next to its reconstruction from the snapshots
+    (snapshot times marked), and the profile error against sigma_rel (recorded lengths marked,
+    the faithful band shaded, other targets placed at their closest sigma_rel)."""
+    from .plotting import draw, plot_series
+
+    with _user_errors():
+        targets = from_options(sigma_rel, beta, ema, required=False)
+        catalogue = scan(folder)
+        catalogue.raise_if_broken()
+        snaps = catalogue.snapshots
+        if not snaps:
+            raise CatalogueError(f"no posthoc-ema snapshots in {catalogue.folder}", "pass the folder the Recorder wrote")
+        t = catalogue.latest_t if step is None else step
+        dtype = max((s.dtype for s in snaps), key=lambda d: {"float32": 0, "bfloat16": 2, "float16": 1}[d])
+        series = plot_series([s.t for s in snaps], [s.sigma_rel for s in snaps], t, targets, dtype)
+        draw(series, out, time_unit=snaps[-1].time_unit)
+        _say(f"wrote {out}")
 
 
 # -- classical EMA ----------------------------------------------------------------------------------
@@ -431,6 +596,7 @@ def beta_to_sigma(
         int | None, typer.Option("--steps", "-T", min=1, help="Training length T; prints the sigma_rel alone.")
     ] = None,
     update_every: Annotated[int, typer.Option("--update-every", "-k", min=1, help="The EMA is updated every k steps.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
 ) -> None:
     """Translate a classical EMA decay (beta) into the sigma_rel of post-hoc EMA.
 
@@ -441,7 +607,9 @@ def beta_to_sigma(
     have (sigma_rel ≥ 1/√12, or an EMA that is still mostly its initial weights)
     are reported on stderr with exit code 1 instead. Without --steps a table
     for several training lengths is printed, with the half-life and the standard
-    deviation of the EMA in steps.
+    deviation of the EMA in steps. Equal standard deviation is not equal shape:
+    the power-function EMA closest in profile (to the EMA as torch's AveragedModel
+    keeps it, the first update a copy) is printed too, on stderr with --steps.
     """
     with _user_errors():
         half_life, std = beta_half_life(beta, update_every), beta_std_steps(beta, update_every)
@@ -451,21 +619,36 @@ def beta_to_sigma(
                 too_short = sigma_rel < SIGMA_REL_MIN  # the other failures are EMAs too long for the run
                 raise _fail(f"beta {beta} after {steps} steps: {_unreachable(sigma_rel, initial)} — "
                             f"use {'a larger beta or a shorter run' if too_short else 'a smaller beta or a longer run'}", 1)
+            closest, distance = closest_power(Classical(beta, update_every), steps)
+            if as_json:
+                _json({"beta": beta, "steps": steps, "update_every": update_every, "sigma_rel": sigma_rel,
+                       "initial_weight": initial, "closest_sigma_rel": closest, "profile_distance": distance})
+                return
+            _say(f"closest power-function EMA in profile: sigma_rel {closest:.6g} (relative profile distance {distance:.2g})")
             sys.stdout.write(f"{sigma_rel:.6g}\n")
             return
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        for header in ("training length T", "sigma_rel", "gamma", ""):
+        for header in ("training length T", "sigma_rel", "gamma", "closest in profile", ""):
             table.add_column(header, justify="right" if header else "left")
         first = max(2, int(math.floor(math.log10(std))))
+        rows: list[dict[str, Any]] = []
         for exponent in range(first, first + 5):  # every row is computed before anything is printed
             t = 10**exponent
             if t < update_every:
                 continue
             sigma_rel, initial, ok = _classical(beta, t, update_every)
+            row: dict[str, Any] = {"steps": t, "sigma_rel": sigma_rel if ok else None, "initial_weight": initial}
             if ok:
-                table.add_row(f"{t:,}", f"{sigma_rel:.4g}", f"{sigma_rel_to_gamma(sigma_rel):.2f}", "")
+                row["closest_sigma_rel"], row["profile_distance"] = closest_power(Classical(beta, update_every), t)
+                table.add_row(f"{t:,}", f"{sigma_rel:.4g}", f"{sigma_rel_to_gamma(sigma_rel):.2f}",
+                              f"{row['closest_sigma_rel']:.4g} (distance {row['profile_distance']:.2g})", "")
             else:
-                table.add_row(f"{t:,}", "-", "-", _unreachable(sigma_rel, initial))
+                row["problem"] = _unreachable(sigma_rel, initial)
+                table.add_row(f"{t:,}", "-", "-", "-", row["problem"])
+            rows.append(row)
+        if as_json:
+            _json({"beta": beta, "update_every": update_every, "half_life": half_life, "std_steps": std, "rows": rows})
+            return
         console = _stdout()
         every = "every step" if update_every == 1 else f"every {update_every} steps"
         console.print(f"Classical EMA with beta = {beta!r}, updated {every}")

@@ -191,7 +191,7 @@ def run_demo(
             report("synthesize", done.done, done.total)
         synthesize_seconds = time.perf_counter() - start
 
-        for j, (sigma_rel, path) in enumerate(zip(p.sigma_rels, paths)):
+        for j, (sigma_rel, path) in enumerate(zip(sweep, paths)):
             model.load_state_dict(safetensors.torch.load_file(path))
             error = float(p.fit.profile_error[j])
             rows.append(DemoRow("synthesized", sigma_rel, _val_loss(model, data), error, path))

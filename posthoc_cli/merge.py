@@ -30,7 +30,9 @@ from .container import AtomicWriter, TensorEntry, output_error, read_into
 from . import mapping
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .frozen import FrozenRef, copy_frozen, frozen_ref, tag
-from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
+from .profiles import Fit, sigma_rel_to_gamma
+from .quality import NOISE_BOUND, unit_roundoff
+from .targets import Power, Target, check_initial, closest_power, fit_targets, parse_targets, target_name
 from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
 # Planning (scan, fit, output paths) needs no torch, so light commands can use this module; the
@@ -42,13 +44,7 @@ SLICE_BYTES = 24 << 20  # input bytes (all inputs together) per slice; two slice
 _MAP_MIN_BYTES = mapping.PAGE  # narrower slices (per input) are cheaper to read than to map
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
 ACCUMULATE = {"float32": "F32", "float64": "F64"}  # accumulation dtypes: name → safetensors code
-# Relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
-NOISE_BOUND = 1e-3
-
-
-def unit_roundoff(dtype: str) -> float:
-    """Relative rounding error of storing a value in ``dtype`` ("float16": 2⁻¹¹)."""
-    return dtypes.unit_roundoff(FLOAT_DTYPES[dtype])
+# NOISE_BOUND: relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
 
 
 @dataclass(frozen=True)
@@ -57,12 +53,17 @@ class Plan:
 
     folder: Path
     t: int
-    sigma_rels: tuple[float, ...]
+    targets: tuple[Target, ...]
     inputs: list[Snapshot]  # the snapshots with a non-zero weight, by (t, sigma_rel)
     fit: Fit  # weights => [inputs, targets]
     fixed_from: Snapshot  # the latest input: integer buffers are copied from it
     skipped_files: int  # files in the folder that are not snapshots
     frozen: FrozenRef | None = None  # the frozen weights stored once that complete the inputs' state dict
+
+    @property
+    def sigma_rels(self) -> tuple[float | None, ...]:
+        """Each target's sigma_rel (None for targets that are not power-function EMAs)."""
+        return tuple(target.sigma_rel for target in self.targets)
 
     @property
     def entries(self) -> list[TensorEntry]:
@@ -77,26 +78,31 @@ class Plan:
         """Targets whose weights amplify the snapshots' storage rounding beyond :data:`NOISE_BOUND`."""
         unit = unit_roundoff(self.input_dtype)
         notes = []
-        for sigma_rel, amp in zip(self.sigma_rels, self.fit.sum_abs_weights):
+        for target, amp in zip(self.targets, self.fit.sum_abs_weights):
             noise = float(amp) * unit
             if noise > max(NOISE_BOUND, 2 * unit):
                 notes.append(
-                    f"sigma_rel {sigma_rel}: Σ|w| = {amp:.3g} amplifies {self.input_dtype} rounding to ~{noise:.1e} "
+                    f"{target_name(target)}: Σ|w| = {amp:.3g} amplifies {self.input_dtype} rounding to ~{noise:.1e} "
                     f"relative error (bound {NOISE_BOUND:g}); record this length or a shorter one, or store float32"
                 )
         return notes
 
 
-def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: int | None = None) -> Plan:
-    """Solve for the weights of each target sigma_rel at time ``t`` (default: the latest snapshot).
+def plan(
+    ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float | str | Target], *, t: int | None = None
+) -> Plan:
+    """Solve for the weights of each target at time ``t`` (default: the latest snapshot).
+
+    Targets are sigma_rels, spec strings (``"beta=0.9999"``, ``"diffusers:decay=0.999"``, …)
+    or :mod:`posthoc_cli.targets` objects, mixed freely.
 
     >>> p = plan("ckpts", [0.15])  # doctest: +SKIP
     >>> p.fit.profile_error  # doctest: +SKIP
     array([0.0021])
     """
-    targets = tuple(check_sigma_rel(s) for s in sigma_rels)
+    targets = tuple(parse_targets(sigma_rels))
     if not targets:
-        raise InvalidValueError("no target sigma_rel given", "pass at least one, e.g. --sigma-rel 0.15")
+        raise InvalidValueError("no target given", "pass at least one, e.g. --sigma-rel 0.15 or --beta 0.9999")
     catalogue = scan(ckpt_dir)
     catalogue.raise_if_broken()
     if not catalogue.series:
@@ -113,7 +119,7 @@ def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: in
             f"--step {t} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
         )
     recorded = sorted(catalogue.series)
-    if len(recorded) == 1 and any(s != recorded[0] for s in targets):
+    if len(recorded) == 1 and any(target.sigma_rel != recorded[0] for target in targets):
         raise CatalogueError(
             f"only sigma_rel {recorded[0]} was recorded in {catalogue.folder}: other lengths cannot be synthesized from one",
             "record at least two sigma_rels (e.g. 0.05 and 0.10) to choose the EMA length afterwards",
@@ -122,13 +128,15 @@ def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: in
     problems = layout_problems(usable)
     if problems:
         raise CatalogueError(problems[0], "remove the snapshots of the other model or run from one folder per model")
-    result = fit([s.t for s in usable], [s.sigma_rel for s in usable], [t] * len(targets), targets)
+    for target in targets:
+        check_initial(target, t)
+    result = fit_targets([s.t for s in usable], [s.sigma_rel for s in usable], targets, t)
     keep = np.flatnonzero(np.any(result.weights != 0, axis=1))  # zero rows need not be read at all
     weights = result.weights[keep]
     return Plan(
         folder=catalogue.folder,
         t=t,
-        sigma_rels=targets,
+        targets=targets,
         inputs=[usable[i] for i in keep],
         fit=Fit(weights, result.profile_error, result.sum_abs_weights),
         fixed_from=usable[-1],
@@ -516,13 +524,18 @@ def _nonfinite(p: Plan, s: _Slice, reader: _Reader, out_dtype: torch.dtype) -> N
 
 
 def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str]:
-    sigma_rel = p.sigma_rels[j]
+    target = p.targets[j]
+    # sigma_rel/gamma: the target's own for a power target; for any other, those of the power EMA
+    # closest to it in profile (so every reader sees a valid record); `target` says what it is.
+    sigma_rel = target.sigma_rel if target.sigma_rel is not None else closest_power(target, p.t)[0]
     return encode_metadata(
         {
             "format": 1,
             "kind": "synthesized",
             "sigma_rel": sigma_rel,
             "gamma": sigma_rel_to_gamma(sigma_rel),
+            "target": target.describe(),
+            "initial_weight": target.initial_weight(p.t),
             "t": p.t,
             "time_unit": p.fixed_from.time_unit,
             "updates": 0,
@@ -538,14 +551,22 @@ def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str
     )
 
 
+def output_name(target: Target, t: int) -> str:
+    """Default file name: ``ema-s0.150-t100000.safetensors`` for a power target,
+    ``ema-<spec>-t<t>.safetensors`` for others (``ema-beta0.9999-t100000.safetensors``)."""
+    if isinstance(target, Power):
+        return synthesized_name(target.sigma_rel, t)
+    return f"ema-{target.label()}-t{t}{SUFFIX}"
+
+
 def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
     """One target: ``out`` is the file, unless it is a folder or ends with a slash. Several: ``out``
     is a folder. Default: the current folder."""
-    names = [synthesized_name(s, p.t) for s in p.sigma_rels]
+    names = [output_name(target, p.t) for target in p.targets]
     if len(names) != len(set(names)):
-        raise InvalidValueError("the same sigma_rel is asked for twice", "give each --sigma-rel once")
+        raise InvalidValueError("the same target is asked for twice", "give each --sigma-rel, --beta or --ema once")
     folder_named = out is not None and str(out).endswith(("/", os.sep))  # Path() would drop the slash
-    if len(p.sigma_rels) == 1 and out is not None and not Path(out).is_dir() and not folder_named:
+    if len(p.targets) == 1 and out is not None and not Path(out).is_dir() and not folder_named:
         return [Path(out)]
     folder = Path(out) if out is not None else Path.cwd()
     if folder.suffix == SUFFIX and not folder.is_dir():
@@ -649,7 +670,7 @@ def _check_dtype(dtype: str | None, accumulate: str) -> None:
 
 def synthesize(
     ckpt_dir: str | os.PathLike[str],
-    sigma_rels: float | Sequence[float],
+    sigma_rels: float | str | Target | Sequence[float | str | Target],
     *,
     t: int | None = None,
     out: str | os.PathLike[str] | None = None,
@@ -659,17 +680,20 @@ def synthesize(
     allow_nonfinite: bool = False,
     trainable_only: bool = False,
 ) -> list[Path]:
-    """Synthesize the EMA of each ``sigma_rel`` at time ``t`` and write it as a safetensors file.
+    """Synthesize the EMA of each target at time ``t`` and write it as a safetensors file.
 
-    One target: ``out`` is the file; several: ``out`` is a folder (default: the
-    current folder, files named ``ema-s<sigma_rel>-t<t>.safetensors``). The files are
-    complete state dicts (frozen weights stored once copied in); ``trainable_only=True``
-    writes only the averaged tensors (e.g. a LoRA adapter), under the model's names.
+    Targets: sigma_rels, spec strings or :mod:`posthoc_cli.targets` objects, mixed
+    (``[0.15, "beta=0.9999", "window=1000"]``). One target: ``out`` is the file;
+    several: ``out`` is a folder (default: the current folder, files named
+    ``ema-s<sigma_rel>-t<t>.safetensors``, or ``ema-<spec>-t<t>.safetensors``). The
+    files are complete state dicts (frozen weights stored once copied in);
+    ``trainable_only=True`` writes only the averaged tensors (e.g. a LoRA adapter),
+    under the model's names.
 
     >>> synthesize("ckpts", 0.15, out="ema-0.15.safetensors")  # doctest: +SKIP
     [PosixPath('ema-0.15.safetensors')]
     """
-    targets = [sigma_rels] if isinstance(sigma_rels, (int, float)) else list(sigma_rels)
+    targets = parse_targets(sigma_rels)
     name = _dtype_name(dtype)
     _check_dtype(name, accumulate)
     p = plan(ckpt_dir, targets, t=t)
@@ -683,14 +707,15 @@ def synthesize(
 
 def load_synthesized(
     ckpt_dir: str | os.PathLike[str],
-    sigma_rel: float,
+    sigma_rel: float | str | Target,
     *,
     t: int | None = None,
     dtype: str | torch.dtype | None = None,
     accumulate: str = "float32",
     trainable_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The synthesized EMA as a state dict in memory, ready for ``model.load_state_dict``.
+    """The synthesized EMA of one target (a sigma_rel, a spec string or a target) as a state
+    dict in memory, ready for ``model.load_state_dict``.
 
     Complete (frozen weights stored once included, in the model's order) unless
     ``trainable_only=True``: then only the averaged tensors.

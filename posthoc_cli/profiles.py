@@ -188,10 +188,16 @@ def _inputs_targets(
     return ti, si, to, so
 
 
-def _solve_group(t_in: np.ndarray, g_in: np.ndarray, t_r: float, g_out: np.ndarray) -> np.ndarray:
-    """Weights of the inputs (all with t_i ≤ t_r) for targets at one time.  # => [inputs, targets]"""
-    a = profile_dot(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])  # => [inputs, inputs]
-    b = profile_dot(t_in[:, None], g_in[:, None], t_r, g_out[None, :])  # => [inputs, targets]
+def gram(t_in: np.ndarray, g_in: np.ndarray) -> np.ndarray:
+    """A_ij = ⟨p_i, p_j⟩ of the inputs' power profiles.  # => [inputs, inputs]"""
+    return profile_dot(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])
+
+
+def solve_gram(a: np.ndarray, b: np.ndarray, t_r: float) -> np.ndarray:
+    """Weights from the Gram matrix ``a`` and the targets' inner products ``b``, columns summing to 1.  # => [inputs, targets]
+
+    Any target works: only b_i = ⟨p_i, p_r⟩ depends on its profile (DESIGN §6).
+    """
     # Symmetric diagonal equilibration: the profiles are rescaled to unit norm,
     # so the diagonal is 1 and entries from different t and gamma are
     # comparable; rcond then measures how close two profiles are, not their size.
@@ -207,6 +213,19 @@ def _solve_group(t_in: np.ndarray, g_in: np.ndarray, t_r: float, g_out: np.ndarr
             "record snapshots closer to the target time, or choose a larger sigma_rel",
         )
     return w / total  # profiles have unit mass, so a good fit already has Σw ≈ 1
+
+
+def gram_error(a: np.ndarray, b: np.ndarray, rr: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """‖p_r − Σ w_i p_i‖ / ‖p_r‖ from A, b and ⟨p_r, p_r⟩.  # => [targets]"""
+    # ‖p_r − Σ w_i p_i‖² expanded; rounding can push it slightly below 0.
+    sq = rr - 2.0 * (w * b).sum(axis=0) + (w * (a @ w)).sum(axis=0)
+    return np.asarray(np.sqrt(np.maximum(sq, 0.0) / rr))
+
+
+def _solve_group(t_in: np.ndarray, g_in: np.ndarray, t_r: float, g_out: np.ndarray) -> np.ndarray:
+    """Weights of the inputs (all with t_i ≤ t_r) for targets at one time.  # => [inputs, targets]"""
+    b = profile_dot(t_in[:, None], g_in[:, None], t_r, g_out[None, :])  # => [inputs, targets]
+    return solve_gram(gram(t_in, g_in), b, t_r)
 
 
 def solve_weights(
@@ -258,12 +277,8 @@ def profile_error(
             f"weights of shape {w.shape}", f"expected [inputs, targets] = [{ti.size}, {to.size}]"
         )
     w = w.reshape(ti.size, to.size)  # => [inputs, targets]
-    a = profile_dot(ti[:, None], gi[:, None], ti[None, :], gi[None, :])  # => [inputs, inputs]
     b = profile_dot(ti[:, None], gi[:, None], to[None, :], go[None, :])  # => [inputs, targets]
-    rr = profile_norm_sq(to, go)  # => [targets]
-    # ‖p_r − Σ w_i p_i‖² expanded; rounding can push it slightly below 0.
-    sq = rr - 2.0 * (w * b).sum(axis=0) + (w * (a @ w)).sum(axis=0)
-    return np.sqrt(np.maximum(sq, 0.0) / rr)
+    return gram_error(gram(ti, gi), b, profile_norm_sq(to, go), w)
 
 
 @dataclass(frozen=True)
@@ -444,11 +459,14 @@ __all__ = [
     "check_sigma_rel",
     "fit",
     "gamma_to_sigma_rel",
+    "gram",
+    "gram_error",
     "profile_dot",
     "profile_error",
     "profile_norm_sq",
     "sigma_rel_to_beta",
     "sigma_rel_to_gamma",
+    "solve_gram",
     "solve_weights",
     "update_beta",
 ]

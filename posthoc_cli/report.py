@@ -8,13 +8,13 @@ from __future__ import annotations
 from statistics import median
 from typing import Any
 
-from .frozen import contents_report
-from .merge import NOISE_BOUND, unit_roundoff
-from .profiles import fit, sigma_rel_to_gamma
-from .snapshots import Catalogue, Snapshot, layout_problems
+from collections.abc import Sequence
 
-FAITHFUL = 1e-2  # profile error below which a synthesized EMA is, for practical purposes, the real one
-POOR = 5e-2  # above this, synthesize warns that the target is only a rough approximation
+from .frozen import contents_report
+
+from .quality import FAITHFUL, POOR, grid, target_rows, unit_roundoff  # FAITHFUL, POOR: also imported from here
+from .snapshots import Catalogue, Snapshot, layout_problems
+from .targets import Target
 
 
 def _spacing(ts: list[int]) -> str:
@@ -46,29 +46,14 @@ def _schedule_problems(catalogue: Catalogue) -> list[str]:
 def _grid(catalogue: Catalogue) -> list[dict[str, Any]]:
     """Profile error and Σ|w| of target lengths 0.01..0.28 (plus the recorded ones) at the latest time."""
     snaps = catalogue.snapshots
-    recorded = sorted(catalogue.series)
-    if len(recorded) == 1:
-        targets = recorded  # one recorded length cannot make others (synthesize refuses)
-    else:
-        targets = sorted({round(0.01 * k, 2) for k in range(1, 29)} | set(recorded))
-    t = catalogue.latest_t
-    result = fit([s.t for s in snaps], [s.sigma_rel for s in snaps], [t] * len(targets), targets)
     unit = max(unit_roundoff(s.dtype) for s in snaps)
-    rows = []
-    for sigma_rel, error, amp in zip(targets, result.profile_error, result.sum_abs_weights):
-        noise = float(amp) * unit
-        rows.append(
-            {
-                "sigma_rel": sigma_rel,
-                "gamma": sigma_rel_to_gamma(sigma_rel),
-                "profile_error": float(error),
-                "sum_abs_weights": float(amp),
-                "recorded": sigma_rel in catalogue.series,
-                "faithful": bool(error < FAITHFUL) and noise <= max(NOISE_BOUND, 2 * unit),
-                "rounding_noise": noise,
-            }
-        )
-    return rows
+    return grid([s.t for s in snaps], [s.sigma_rel for s in snaps], catalogue.latest_t, unit)
+
+
+def _target_rows(catalogue: Catalogue, targets: Sequence[str | float | Target]) -> list[dict[str, Any]]:
+    snaps = [s for s in catalogue.snapshots if s.t <= catalogue.latest_t]
+    unit = max(unit_roundoff(s.dtype) for s in snaps)
+    return target_rows([s.t for s in snaps], [s.sigma_rel for s in snaps], catalogue.latest_t, targets, unit)
 
 
 def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:
@@ -88,8 +73,9 @@ def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:
     }
 
 
-def inspect_report(catalogue: Catalogue) -> dict[str, Any]:
-    """Series summaries, problems and the grid of synthesizable lengths, as one JSON-ready dict."""
+def inspect_report(catalogue: Catalogue, targets: Sequence[str | float | Target] = ()) -> dict[str, Any]:
+    """Series summaries, problems, the grid of synthesizable lengths and a row per asked-for
+    target (key ``targets``), as one JSON-ready dict."""
     snaps = catalogue.snapshots
     problems = [f"{s.path}: {s.reason}" for s in catalogue.broken]
     problems += layout_problems(snaps) + _schedule_problems(catalogue)
@@ -107,6 +93,7 @@ def inspect_report(catalogue: Catalogue) -> dict[str, Any]:
         "ignored": [{"path": str(s.path), "reason": s.reason} for s in catalogue.ignored],
         "problems": problems,
         "grid": _grid(catalogue) if snaps else [],
+        "targets": _target_rows(catalogue, targets) if snaps and targets else [],
         "faithful_below": FAITHFUL,
         "contents": contents,
     }

@@ -99,7 +99,15 @@ LIGHT_RUNS: list[tuple[list[str], int]] = [
     (["inspect", "{ckpts}"], 0),
     (["inspect", "{ckpts}", "--json"], 0),
     (["inspect", "no-such-folder"], 1),
-    *[([command, "--help"], 0) for command in ("synthesize", "inspect", "beta-to-sigma", "sigma-to-beta", "demo")],
+    (["inspect", "{ckpts}", "--beta", "0.99", "--ema", "window=50"], 0),
+    (["plan", "--steps", "100000", "--snapshot-every", "1000", "--record", "0.05", "--record", "0.1", "-s", "0.15"], 0),
+    (["plan", "--steps", "100000", "--snapshot-every", "1000", "--record", "0.05", "--record", "0.1", "--json"], 0),
+    (["plan", "--steps", "1000", "--snapshot-every", "10", "--record", "0.05", "--ema", "bogus=1"], 2),
+    (["plot", "{ckpts}", "-s", "0.15", "--out", "plot.png"], 0),
+    *[
+        ([command, "--help"], 0)
+        for command in ("synthesize", "inspect", "beta-to-sigma", "sigma-to-beta", "demo", "plan", "plot")
+    ],
 ]
 
 
