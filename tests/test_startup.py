@@ -113,7 +113,9 @@ LIGHT_RUNS: list[tuple[list[str], int]] = [
 
 @pytest.mark.parametrize(("args", "code"), LIGHT_RUNS, ids=[" ".join(a) or "(bare)" for a, _ in LIGHT_RUNS])
 def test_light_commands_do_not_import_torch(tmp_path, recorded, args, code):
-    result, modules = run_traced(tmp_path, *(a.format(ckpts=recorded) for a in args))
+    # Typer detects the shell from the parent process unless told not to (then it takes the named one).
+    env = {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"} if "--show-completion" in args else None
+    result, modules = run_traced(tmp_path, *(a.format(ckpts=recorded) for a in args), env=env)
     assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert "torch" not in modules and "safetensors" not in modules
