@@ -80,7 +80,8 @@ class PosthocEMA(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(ckpt_dir=os.fspath(self.ckpt_dir))
+        # Not the folder: a resumed run may spell its path differently (relative, moved machines).
+        return self._generate_state_key(sigma_rels=self._options["sigma_rels"])
 
     # -- fit ---------------------------------------------------------------------------------------
 

@@ -92,8 +92,9 @@ class PosthocEMACallback(transformers.TrainerCallback):
     def _find_state(self, args: transformers.TrainingArguments, step: int) -> Path | None:
         """The EMA state of the checkpoint being resumed: the Trainer tells callbacks its step, not its path."""
         places = [Path(str(args.output_dir)) / f"checkpoint-{step}"]
-        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
-            places.insert(0, Path(args.resume_from_checkpoint))
+        resume = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(resume, str):
+            places.insert(0, Path(resume))
         for place in places:
             if (place / STATE_NAME).is_file():
                 return place / STATE_NAME
