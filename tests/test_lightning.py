@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,29 @@ def test_without_lightning_the_error_names_the_extra() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "pip install 'posthoc-ema[lightning]'" in done.stderr.splitlines()[-1]
+
+
+def free_port() -> int:
+    """A port free now (Lightning under torchrun needs a real MASTER_PORT, not 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_on_two_processes_matches_one_process(tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("lightning_ddp_worker.py")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, worker, tmp_path / "one", "--single"], check=True, timeout=300, env=env,
+                   capture_output=True)
+    done = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, tmp_path / "two"],
+        timeout=300, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "one" / "rank0-of-1.done").read_text() == "10 writes=True"
+    assert (tmp_path / "two" / "rank0-of-2.done").read_text() == "10 writes=True"
+    assert (tmp_path / "two" / "rank1-of-2.done").read_text() == "10 writes=False"
+    assert not list((tmp_path / "two" / "ema").glob("*.tmp"))
+    # Same global batch: the averaged DDP gradient equals the one-process gradient up to float32 rounding.
+    assert assert_same_snapshots(tmp_path / "one" / "ema", tmp_path / "two" / "ema", exact=False) == 6

@@ -1,0 +1,61 @@
+"""Run under torchrun (2 processes, gloo): Lightning DDP on CPU with PosthocEMA, or 1 process with the same global batch.
+
+Usage: ``torchrun --nproc_per_node 2 lightning_ddp_worker.py OUT_DIR`` or
+``python lightning_ddp_worker.py OUT_DIR --single``. Writes snapshots to OUT_DIR/ema.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from posthoc_cli.integrations.lightning import PosthocEMA  # noqa: E402
+
+
+class Lit(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 8, generator=g)
+        data = TensorDataset(x, x[:, :3] * 2 - 1)
+        if self.trainer.world_size == 1:
+            return DataLoader(data, batch_size=8, shuffle=False)
+        # Global batch 8: rank r takes samples r, r+2, ... in order, so the two halves make the one-process batch.
+        sampler = DistributedSampler(data, shuffle=False)
+        return DataLoader(data, batch_size=8 // self.trainer.world_size, sampler=sampler)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def main() -> None:
+    out, single = Path(sys.argv[1]), "--single" in sys.argv
+    # No BatchNorm: its statistics are per rank under DDP, so they could not match one process.
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1 if single else 2, strategy="auto" if single else "ddp", max_steps=10,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        use_distributed_sampler=False, callbacks=[PosthocEMA(out / "ema", (0.05, 0.10), snapshot_every=4)],
+    )
+    trainer.fit(Lit())
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, PosthocEMA)]
+    assert callback.recorder is not None
+    done = f"{trainer.global_step} writes={callback.recorder.writes}"
+    (out / f"rank{trainer.global_rank}-of-{trainer.world_size}.done").write_text(done)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
