@@ -403,7 +403,7 @@ class Recorder:
         state's time but missing from the folder (the run stopped before it was
         written) is written now.
 
-        >>> rec.load_state_dict(torch.load("ckpt.pt")["ema"])  # doctest: +SKIP
+        >>> rec.load_state_dict(torch.load("ckpt.pt", weights_only=True)["ema"])  # doctest: +SKIP
         """
         t, t_ema, updates, emas = self._check_state(state)
         self._writer.flush()  # no queued write may land after the rewind below

@@ -14,7 +14,7 @@ from posthoc_cli import scan
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 SECTION = README.split("\n## Trainer integrations\n", 1)[1].split("\n## ", 1)[0]
-SCRIPTS = re.findall(r"^```python\n(.*?)^```", SECTION, re.S | re.M)
+SCRIPTS = re.findall(r"^```py\n(.*?)^```", SECTION, re.S | re.M)
 
 
 def run(script: str, cwd: Path) -> None:
@@ -29,8 +29,8 @@ def test_the_section_has_three_scripts() -> None:
     ]
 
 
-@pytest.mark.parametrize("index, folder, times", [(0, "ckpts", [50, 100, 150, 200]), (1, "hf-run/posthoc-ema", [10, 20, 30, 40]),
-                                                  (2, "ckpts", [100, 200, 300])])
+@pytest.mark.parametrize("index, folder, times", [(0, "lightning-ckpts", [50, 100, 150, 200]), (1, "hf-run/posthoc-ema", [10, 20, 30, 40]),
+                                                  (2, "accelerate-ckpts", [100, 200, 300])])
 def test_script_runs_and_records(tmp_path: Path, index: int, folder: str, times: list[int]) -> None:
     pytest.importorskip(["lightning", "transformers", "accelerate"][index])
     run(SCRIPTS[index], tmp_path)
