@@ -215,3 +215,46 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path: Path) -> None:
     assert not list((tmp_path / "two" / "ema").glob("*.tmp"))
     # Same global batch: the averaged DDP gradient equals the one-process gradient up to float32 rounding.
     assert assert_same_snapshots(tmp_path / "one" / "ema", tmp_path / "two" / "ema", exact=False) == 6
+
+
+class TwoOptimizers(L.LightningModule):
+    """Manual optimization with two optimizers: each batch takes two optimizer steps (the global step grows by 2)."""
+
+    def __init__(self, reference_dir: Path) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = make_tiny_model(0)
+        self.reference_dir = reference_dir
+        self.reference: Recorder | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():  # type: ignore[union-attr]
+            opt.zero_grad()
+            self.manual_backward(torch.nn.functional.mse_loss(self.net(x), y))
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.net.fc1.parameters(), lr=0.05), torch.optim.Adam(self.net.fc2.parameters(), lr=0.01)]
+
+    def on_train_start(self) -> None:
+        self.reference = Recorder(self, self.reference_dir, SIGMA_RELS, snapshot_every=4, async_write=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        assert self.reference is not None
+        self.reference.update(step=self.global_step)  # by hand, after the batch's two optimizer steps
+
+    def on_train_end(self) -> None:
+        assert self.reference is not None
+        self.reference.snapshot()
+        self.reference.close()
+
+
+def test_manual_optimization_with_two_optimizers_updates_once_per_batch_at_the_global_step(tmp_path: Path) -> None:
+    module = TwoOptimizers(tmp_path / "by-hand")
+    callback = PosthocEMA(tmp_path / "ema", SIGMA_RELS, snapshot_every=4)
+    trainer(tmp_path, 14, [callback], accumulate_grad_batches=1).fit(module, data())
+    assert module.global_step == 14 and callback.recorder is not None and callback.recorder.t == 14
+    assert assert_same_snapshots(tmp_path / "ema", tmp_path / "by-hand") == 8
+    # Seven batches of two steps each: seven updates, each with Δ = 2; snapshots where t crosses 4, 8, 12.
+    assert {(m["t"], m["updates"]) for _, m in read_folder(tmp_path / "ema").values()} == {(4, 2), (8, 4), (12, 6), (14, 7)}
