@@ -124,7 +124,8 @@ class PosthocEMA(pl.Callback):
     # -- validation with an EMA ------------------------------------------------------------------
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with is not None and self.recorder is not None and self.recorder.t > 0:
+        # The sanity check runs before on_train_start: this fit has no EMA yet (a previous fit's may linger).
+        if self.evaluate_with is not None and self.recorder is not None and not trainer.sanity_checking:
             self._swap.enter_context(self.recorder.swapped(self.evaluate_with))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
