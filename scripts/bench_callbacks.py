@@ -1,8 +1,11 @@
 """Step-time overhead of the trainer callbacks: the same Lightning / HF Trainer run with and without them.
 
 Prints, per trainer, the median time per optimizer step without the callback,
-with it, their ratio, and the median of a Recorder.update() alone on the same
-model (what the callback is expected to add). One process run; the runs
+with it, their ratio; the median time spent inside the callback's per-step hook
+(robust to a noisy machine); and the median of a Recorder.update() alone on the
+same model, alone and inside a hand-written training loop (what the callback is
+expected to add: the training step evicts the EMAs from cache, so the update is
+slower there than alone). One process run; the runs
 alternate (without, with, without, with) so drift affects both alike.
 
     python scripts/bench_callbacks.py [--steps 300] [--width 512]
@@ -30,6 +33,7 @@ from torch import nn  # noqa: E402
 from posthoc_cli import Recorder  # noqa: E402
 
 WARMUP = 20  # first steps left out (allocator, threads warming up)
+INSIDE: dict[str, list[float]] = {"Lightning": [], "HF Trainer": []}  # time spent inside the callback's step hook
 
 
 def mlp(width: int) -> nn.Sequential:
@@ -64,13 +68,19 @@ def lightning_steps(steps: int, width: int, with_callback: bool) -> list[float]:
         def on_train_batch_end(self, *args: Any) -> None:
             times.append(time.perf_counter())
 
+    class TimedPosthocEMA(PosthocEMA):
+        def on_train_batch_end(self, *args: Any) -> None:
+            start = time.perf_counter()
+            super().on_train_batch_end(*args)
+            INSIDE["Lightning"].append(time.perf_counter() - start)
+
     with tempfile.TemporaryDirectory() as tmp:
         callbacks: list[Any] = [Timer()]
         if with_callback:
-            callbacks.append(PosthocEMA(Path(tmp) / "ema", snapshot_every=10**9))
+            callbacks.append(TimedPosthocEMA(Path(tmp) / "ema", snapshot_every=10**9))
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)
-        trainer.fit(Lit(), torch.utils.data.DataLoader(data(steps), batch_size=None))
+        trainer.fit(Lit(), torch.utils.data.DataLoader(data(steps), batch_size=None)  # type: ignore[arg-type])
     return [b - a for a, b in zip(times, times[1:])][WARMUP:]
 
 
@@ -93,10 +103,16 @@ def hf_steps(steps: int, width: int, with_callback: bool) -> list[float]:
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             times.append(time.perf_counter())
 
+    class TimedPosthocEMACallback(PosthocEMACallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            start = time.perf_counter()
+            super().on_step_end(*args, **kwargs)
+            INSIDE["HF Trainer"].append(time.perf_counter() - start)
+
     with tempfile.TemporaryDirectory() as tmp:
         callbacks: list[Any] = [Timer()]
         if with_callback:
-            callbacks.append(PosthocEMACallback(snapshot_every=10**9))
+            callbacks.append(TimedPosthocEMACallback(snapshot_every=10**9))
         args = transformers.TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=32, max_steps=steps, save_strategy="no",
             logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
@@ -104,6 +120,23 @@ def hf_steps(steps: int, width: int, with_callback: bool) -> list[float]:
         rows = [{"x": x, "labels": y} for batch in data(steps) for x, y in zip(*batch)]
         transformers.Trainer(model=Model(), args=args, train_dataset=rows, callbacks=callbacks).train()
     return [b - a for a, b in zip(times, times[1:])][WARMUP:]
+
+
+def update_in_a_plain_loop(steps: int, width: int) -> list[float]:
+    """Recorder.update() timed inside a hand-written training loop (the training step evicts the EMAs from cache)."""
+    model = mlp(width)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, Recorder(model, tmp, snapshot_every=10**9) as rec:
+        for x, y in data(steps):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            start = time.perf_counter()
+            rec.update()
+            out.append(time.perf_counter() - start)
+    return out[WARMUP:]
 
 
 def update_alone(steps: int, width: int) -> list[float]:
@@ -127,7 +160,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in mlp(args.width).parameters())
     print(f"MLP with {n_params / 1e6:.2f}M parameters, {args.steps} steps per run, torch {torch.__version__}")
     alone = statistics.median(update_alone(args.steps, args.width))
-    print(f"Recorder.update() alone (2 EMAs): median {alone * 1e3:.3f} ms")
+    in_loop = statistics.median(update_in_a_plain_loop(args.steps, args.width))
+    print(f"Recorder.update() (2 EMAs): median {alone * 1e3:.3f} ms alone, {in_loop * 1e3:.3f} ms inside a plain training loop")
     for name, runner in (("Lightning", lightning_steps), ("HF Trainer", hf_steps)):
         try:
             runs = {False: [], True: []}  # type: dict[bool, list[float]]
@@ -139,8 +173,10 @@ def main() -> None:
         without, with_ = statistics.median(runs[False]), statistics.median(runs[True])
         print(
             f"{name}: step median without {without * 1e3:.3f} ms, with callback {with_ * 1e3:.3f} ms, "
-            f"ratio {with_ / without:.3f}, added {(with_ - without) * 1e3:+.3f} ms (update alone {alone * 1e3:.3f} ms)"
+            f"ratio {with_ / without:.3f}, added {(with_ - without) * 1e3:+.3f} ms"
         )
+        inside = statistics.median(INSIDE[name][WARMUP:])
+        print(f"{name}: inside the callback's step hook median {inside * 1e3:.3f} ms (Recorder.update in a plain loop {in_loop * 1e3:.3f} ms)")
 
 
 if __name__ == "__main__":
