@@ -80,7 +80,7 @@ def lightning_steps(steps: int, width: int, with_callback: bool) -> list[float]:
             callbacks.append(TimedPosthocEMA(Path(tmp) / "ema", snapshot_every=10**9))
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)
-        batches = torch.utils.data.DataLoader(data(steps), batch_size=None)  # type: ignore[arg-type]
+        batches = torch.utils.data.DataLoader(data(steps), batch_size=None)  # type: ignore[arg-type, var-annotated]
         trainer.fit(Lit(), batches)
     return [b - a for a, b in zip(times, times[1:])][WARMUP:]
 
