@@ -198,23 +198,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_ddp_on_two_processes_matches_one_process(tmp_path: Path) -> None:
+def test_ddp_on_two_processes_matches_one_process_and_resumes_exactly(tmp_path: Path) -> None:
     worker = Path(__file__).with_name("lightning_ddp_worker.py")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def two_processes(*args: object) -> None:
+        done = subprocess.run(
+            [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, *args],
+            timeout=300, env=env, capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
     subprocess.run([sys.executable, worker, tmp_path / "one", "--single"], check=True, timeout=300, env=env,
                    capture_output=True)
-    done = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, tmp_path / "two"],
-        timeout=300, env=env, capture_output=True, text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    two_processes(tmp_path / "two")
     assert (tmp_path / "one" / "rank0-of-1.done").read_text() == "10 writes=True"
     assert (tmp_path / "two" / "rank0-of-2.done").read_text() == "10 writes=True"
     assert (tmp_path / "two" / "rank1-of-2.done").read_text() == "10 writes=False"
     assert not list((tmp_path / "two" / "ema").glob("*.tmp"))
     # Same global batch: the averaged DDP gradient equals the one-process gradient up to float32 rounding.
     assert assert_same_snapshots(tmp_path / "one" / "ema", tmp_path / "two" / "ema", exact=False) == 6
+    # Resume the 2-process run at step 6 into a copy of its folder (which holds the future 8 and 10).
+    shutil.copytree(tmp_path / "two" / "ema", tmp_path / "again" / "ema")
+    two_processes(tmp_path / "again", "--resume", tmp_path / "two" / "ckpt" / "step=6.ckpt")
+    assert assert_same_snapshots(tmp_path / "two" / "ema", tmp_path / "again" / "ema") == 6
+    aside = read_folder(tmp_path / "again" / "ema" / ".abandoned-after-t000000000006")
+    assert {m["t"] for _, m in aside.values()} == {8, 10}
 
 
 class TwoOptimizers(L.LightningModule):
