@@ -140,3 +140,24 @@ def test_import_posthoc_cli_imports_no_trainer() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_ddp_on_two_processes_world_process_zero_writes(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("transformers_ddp_worker.py")
+    done = subprocess.run(
+        [Path(sys.executable).with_name("torchrun"), "--nproc_per_node", "2", "--master_port", str(port), worker, tmp_path],
+        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [(r["writes"], r["world"], r["t"]) for r in ranks] == [(True, 2, 6), (False, 2, 6)]
+    # Every rank tracked the same EMAs (DDP keeps the replicas equal); rank 0's are on disk.
+    assert all(torch.equal(a, b) for ea, eb in zip(ranks[0]["emas"], ranks[1]["emas"]) for a, b in zip(ea, eb))
+    assert {m["t"] for _, m in read_folder(tmp_path / "posthoc-ema").values()} == {2, 4, 6}
+    assert not list((tmp_path / "posthoc-ema").glob("*.tmp"))
+    assert (tmp_path / "checkpoint-3" / STATE_NAME).is_file() and (tmp_path / "checkpoint-6" / STATE_NAME).is_file()
