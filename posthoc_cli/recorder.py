@@ -411,7 +411,8 @@ class Recorder:
             self._staging.pop().wait_released()
         with torch.no_grad():
             for mine, theirs in zip(self._emas, emas):
-                torch._foreach_copy_(mine, [x.to(torch.float32) for x in theirs])
+                for ema, saved in zip(mine, theirs):
+                    ema.copy_(saved)  # from the CPU copy back to the EMA's device (float32 → float32: exact)
         self._t, self._t_ema, self._updates = t, t_ema, updates
         if self.writes:
             set_aside_after(self.ckpt_dir, t)
