@@ -54,8 +54,8 @@ def main() -> None:
                                                      every_n_train_steps=2))
     trainer = L.Trainer(
         accelerator="cpu", devices=1 if single else 2, strategy="auto" if single else "ddp", max_steps=10,
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=callbacks,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=not single,
+        use_distributed_sampler=False, callbacks=callbacks, default_root_dir=out,
     )
     trainer.fit(Lit(), ckpt_path=resume)
     (callback,) = [c for c in trainer.callbacks if isinstance(c, PosthocEMA)]
