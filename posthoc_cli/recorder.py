@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,12 +24,14 @@ from .container import load_tensors
 from .errors import InvalidValueError, OutputError, ResumeError
 from .frozen import FrozenWeights, tag
 from .profiles import check_sigma_rel, sigma_rel_to_gamma, update_beta
+from .rewind import set_aside_after
 from .snapshots import STORAGE_NAMES, Catalogue, scan, snapshot_metadata, snapshot_name
 from .selection import AVERAGED, STORED_ONCE, Filter, select
 from .writer import SnapshotWriter, Job
 
 # Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_STATE_FORMAT = 1  # version of Recorder.state_dict()
 
 
 def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
@@ -397,6 +400,96 @@ class Recorder:
         raise InvalidValueError(
             f"sigma_rel {sigma_rel} is not tracked by this Recorder", f"use one of {', '.join(map(str, self.sigma_rels))}"
         )
+
+    # -- checkpointing inside a trainer's own checkpoint ------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: each EMA (float32, copied to the CPU), its time and update count.
+
+        Put it in the training checkpoint and give it to :meth:`load_state_dict`
+        when resuming from that checkpoint: the EMAs continue exactly as they were,
+        also between snapshot times. It costs one float32 copy of the averaged
+        tensors per sigma_rel. Only plain types and tensors (``torch.load(weights_only=True)`` reads it).
+
+        >>> torch.save({"model": model.state_dict(), "ema": rec.state_dict()}, "ckpt.pt")  # doctest: +SKIP
+        """
+        self._writer.raise_error()
+        with torch.no_grad():
+            emas = [[x.to("cpu", copy=True) for x in ema] for ema in self._emas]
+        return {
+            "format": _STATE_FORMAT,
+            "sigma_rels": list(self.sigma_rels),
+            "time_unit": self.time_unit,
+            "t": self._t,
+            "t_ema": list(self._t_ema),
+            "updates": list(self._updates),
+            "names": self._source_names(),
+            "emas": emas,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the EMAs, their times and update counts become exactly those.
+
+        Snapshots in the folder written after the state's time belong to an
+        abandoned run: the writing rank moves them into a subfolder that scans
+        ignore (:func:`posthoc_cli.rewind.set_aside_after`). A snapshot due at the
+        state's time but missing from the folder (the run stopped before it was
+        written) is written now.
+
+        >>> rec.load_state_dict(torch.load("ckpt.pt", weights_only=True)["ema"])  # doctest: +SKIP
+        """
+        t, t_ema, updates, emas = self._check_state(state)
+        self._writer.flush()  # no queued write may land after the rewind below
+        while self._staging:
+            self._staging.pop().wait_released()
+        with torch.no_grad():
+            for mine, theirs in zip(self._emas, emas):
+                for ema, saved in zip(mine, theirs):
+                    ema.copy_(saved)  # from the CPU copy back to the EMA's device (float32 → float32: exact)
+        self._t, self._t_ema, self._updates = t, t_ema, updates
+        if self.writes:
+            set_aside_after(self.ckpt_dir, t)
+        self._written = {key: job for key, job in self._written.items() if key[1] <= t}
+        if t and t % self.snapshot_every == 0:
+            self._write(t)
+
+    def _check_state(self, state: dict[str, Any]) -> tuple[int, list[int], list[int], list[list[torch.Tensor]]]:
+        """Refuse a state saved by another Recorder set-up, naming what differs."""
+        fix = "resume with the Recorder settings (sigma_rels, model) that saved this state"
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ResumeError("the EMA state is not a posthoc-ema Recorder state (format 1)", fix)
+        n = len(self.sigma_rels)
+        sigma_rels = state.get("sigma_rels")
+        if not (isinstance(sigma_rels, list) and len(sigma_rels) == n
+                and all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(sigma_rels, self.sigma_rels))):
+            raise ResumeError(f"the EMA state tracks sigma_rels {sigma_rels}, not {list(self.sigma_rels)}", fix)
+        if state.get("time_unit") != self.time_unit:
+            raise ResumeError(f"the EMA state counts time in {state.get('time_unit')!r}, not {self.time_unit!r}", fix)
+        t, t_ema, updates = state.get("t"), state.get("t_ema"), state.get("updates")
+        times_ok = (
+            isinstance(t, int) and t >= 0 and isinstance(t_ema, list) and isinstance(updates, list)
+            and len(t_ema) == len(updates) == n
+            and all(isinstance(x, int) and 0 <= x <= t for x in t_ema)
+            and all(isinstance(u, int) and 0 <= u <= x for u, x in zip(updates, t_ema))
+        )
+        if not times_ok:
+            raise ResumeError(f"the EMA state's times are inconsistent (t={t!r}, t_ema={t_ema!r}, updates={updates!r})", fix)
+        emas = state.get("emas")
+        if state.get("names") != self._source_names() or not isinstance(emas, list) or len(emas) != n:
+            raise ResumeError("the EMA state was saved from another model (tensor names differ)", fix)
+        for ema in emas:
+            if not (isinstance(ema, list) and len(ema) == len(self._sources)
+                    and all(isinstance(x, torch.Tensor) and x.shape == s.shape for x, s in zip(ema, self._sources))):
+                raise ResumeError("the EMA state was saved from another model (tensor shapes differ)", fix)
+        return t, list(t_ema), list(updates), emas  # type: ignore[arg-type, return-value]
+
+    def _source_names(self) -> list[str]:
+        """The first state-dict name of each averaged tensor (tied weights: one EMA, several names)."""
+        first: dict[int, str] = {}
+        for name, (averaged, i) in zip(self.names, self._slots):
+            if averaged:
+                first.setdefault(i, name)
+        return [first[i] for i in range(len(self._sources))]
 
 
 __all__ = ["Recorder", "strip_wrappers"]
