@@ -41,6 +41,7 @@ from rich.table import Table
 from . import __version__, demo as demo_lib
 from .errors import CatalogueError, InvalidValueError, PosthocError
 from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
+from .outputs import parse_size
 from .profiles import (
     SIGMA_REL_MAX,
     SIGMA_REL_MIN,
@@ -151,6 +152,13 @@ def synthesize(
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Write the result even if it holds NaN or Inf.")
     ] = False,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size", metavar="SIZE",
+            help="Write Hugging Face shards of at most SIZE (5GB, 500MB, 20KB or bytes) into the folder --out.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Write the EMA of any length, synthesized from the recorded snapshots.
@@ -165,11 +173,14 @@ def synthesize(
         if dtype is not None:
             _check_choice("--dtype", dtype, list(FLOAT_DTYPES))
         _check_choice("--accumulate", accumulate, list(ACCUMULATE))
+        if max_shard_size is not None:
+            parse_size(max_shard_size)
         p = plan(folder, sigma_rel, t=step)
-        paths = output_paths(p, out)
+        paths = output_paths(p, out, max_shard_size=max_shard_size)
         started = time.perf_counter()
         steps = synthesize_iter(
-            p, paths, dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite
+            p, paths, dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
+            max_shard_size=max_shard_size,
         )
         total = 0
         try:

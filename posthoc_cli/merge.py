@@ -26,9 +26,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .container import DTYPES, AtomicWriter, TensorEntry, output_error, read_into
+from .container import DTYPES, TensorEntry, output_error, read_into
 from . import mapping
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
+from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
 from .snapshots import FLOAT_DTYPES, STORAGE_NAMES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
@@ -229,13 +230,36 @@ class _Slice:
         return self.count * self.entry.dtype.itemsize
 
 
-def _slices(entries: list[TensorEntry], n_inputs: int, n_targets: int) -> Iterator[_Slice]:
+def part_ranges(entries: list[TensorEntry], part: tuple[int, int] | None) -> Iterator[tuple[TensorEntry, int, int]]:
+    """``(entry, first element, end element)`` of the tensors within a byte range of the model.
+
+    ``part`` counts bytes of one input, tensors one after another in file order; its
+    ends are rounded up to whole elements, so parts that tile the model give ranges
+    that tile every tensor (an empty tensor goes to the part holding its position).
+    """
+    base = 0
     for entry in entries:
+        if part is None:
+            yield entry, 0, entry.numel
+        else:
+            lo, hi = part
+            size = entry.dtype.itemsize
+            start = min(max(-(-(lo - base) // size), 0), entry.numel)
+            stop = min(max(-(-(hi - base) // size), 0), entry.numel)
+            if stop > start or (entry.numel == 0 and lo <= base < hi):
+                yield entry, start, stop
+        base += entry.nbytes
+
+
+def _slices(
+    entries: list[TensorEntry], n_inputs: int, n_targets: int, part: tuple[int, int] | None = None
+) -> Iterator[_Slice]:
+    for entry, first, end in part_ranges(entries, part):
         averaged = entry.dtype.is_floating_point
         rows = max(n_inputs, n_targets) if averaged else 1  # bounds the inputs' rows and the products alike
         step = max(1, SLICE_BYTES // (rows * entry.dtype.itemsize))
-        for start in range(0, entry.numel, step):
-            yield _Slice(entry, start, min(step, entry.numel - start), averaged)
+        for start in range(first, end, step):
+            yield _Slice(entry, start, min(step, end - start), averaged)
         if entry.numel == 0:
             yield _Slice(entry, 0, 0, averaged)
 
@@ -369,8 +393,13 @@ def stream(
     dtype: str | None = None,
     accumulate: str = "float32",
     allow_nonfinite: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[Progress]:
-    """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress."""
+    """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress.
+
+    ``part`` (bytes of the model, see :func:`part_ranges`) limits the work to one
+    range of the tensors, for parallel synthesis: the sinks get that range only.
+    """
     out_dtype = DTYPES[FLOAT_DTYPES[dtype or p.input_dtype]]
     acc = ACCUMULATE[accumulate]
     n, m = len(p.inputs), len(sinks)
@@ -380,9 +409,9 @@ def stream(
     latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
     everything, fixed = list(range(n)), [latest if latest is not None else n]
 
-    total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in p.entries)
+    slices = list(_slices(p.entries, n, m, part))
+    total = sum(s.width * (n if s.averaged else 1) for s in slices)
     done = 0
-    slices = list(_slices(p.entries, n, m))
     rows = len(w_t)
     capacity = max((s.count * (rows * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
     # Three threads: one maps (or reads) slice k+1 while this one multiplies slice k and a third writes
@@ -475,7 +504,7 @@ def _nonfinite(p: Plan, s: _Slice, reader: _Reader, out_dtype: torch.dtype) -> N
     )
 
 
-def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str]:
+def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str, created: str) -> dict[str, str]:
     sigma_rel = p.sigma_rels[j]
     return encode_metadata(
         {
@@ -488,7 +517,7 @@ def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str
             "updates": 0,
             "dtype": out_dtype,
             "library": library_info(),
-            "created": utc_now(),
+            "created": created,
             "inputs": [{"file": s.path.name, "sigma_rel": s.sigma_rel, "t": s.t} for s in p.inputs],
             "weights": [float(w) for w in p.fit.weights[:, j]],
             "profile_error": float(p.fit.profile_error[j]),
@@ -498,12 +527,26 @@ def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str
     )
 
 
-def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
+def output_paths(
+    p: Plan, out: str | os.PathLike[str] | None, *, max_shard_size: int | str | None = None
+) -> list[Path]:
     """One target: ``out`` is the file, unless it is a folder or ends with a slash. Several: ``out``
-    is a folder. Default: the current folder."""
+    is a folder. Default: the current folder.
+
+    With ``max_shard_size`` every output is a Hugging Face folder: ``out`` itself for
+    one target, else a subfolder of ``out`` (default: the current folder) per target.
+    """
     names = [synthesized_name(s, p.t) for s in p.sigma_rels]
     if len(names) != len(set(names)):
         raise InvalidValueError("the same sigma_rel is asked for twice", "give each --sigma-rel once")
+    if max_shard_size is not None:
+        parse_size(max_shard_size)
+        if len(names) == 1 and out is not None:
+            return [Path(out)]
+        folder = Path(out) if out is not None else Path.cwd()
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
+        return [folder / name.removesuffix(SUFFIX) for name in names]
     folder_named = out is not None and str(out).endswith(("/", os.sep))  # Path() would drop the slash
     if len(p.sigma_rels) == 1 and out is not None and not Path(out).is_dir() and not folder_named:
         return [Path(out)]
@@ -515,18 +558,22 @@ def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
     return [folder / name for name in names]
 
 
-def _check_outputs(p: Plan, paths: list[Path], force: bool) -> None:
+def check_outputs(p: Plan, paths: list[Path], force: bool, *, folders: bool = False) -> None:
+    """Refuse outputs that are inputs, or exist (without ``force``), before any work starts."""
     inputs = {s.path.resolve() for s in [*p.inputs, p.fixed_from]}
     for path in paths:
-        if path.resolve() in inputs:
+        if path.resolve() in inputs or (folders and any(path.resolve() in i.parents for i in inputs)):
             raise OutputError(f"{path} is one of the input snapshots", "write the output somewhere else")
+        if folders:
+            check_folder(path, force)
+            continue
         if path.is_dir():
             raise OutputError(f"{path} is a folder", "pass a file path to --out, or remove that folder")
         if path.exists() and not force:
             raise OutputError(f"{path} already exists", "use --force to overwrite it, or choose another --out")
 
 
-def _make_folders(folder: Path) -> list[Path]:
+def make_folders(folder: Path) -> list[Path]:
     """Create ``folder`` and missing parents; return those created, deepest first, for clean-up."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
     for f in reversed(missing):
@@ -539,6 +586,29 @@ def _make_folders(folder: Path) -> list[Path]:
     return missing
 
 
+def outputs_for(
+    p: Plan,
+    paths: list[Path],
+    *,
+    dtype: str | None = None,
+    accumulate: str = "float32",
+    max_shard_size: int | str | None = None,
+    created: str | None = None,
+) -> list[Output]:
+    """What each target's output holds: tensors, header metadata, and shards when ``max_shard_size``."""
+    out_name = dtype or p.input_dtype
+    layout = [
+        (e.name, FLOAT_DTYPES[out_name] if e.dtype.is_floating_point else e.code, e.shape) for e in p.entries
+    ]
+    created = created or utc_now()
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    outputs = []
+    for j, path in enumerate(paths):
+        metadata = _metadata(p, j, out_name, accumulate, created)
+        outputs.append(single_file(path, layout, metadata) if limit is None else hf_folder(path, layout, metadata, limit))
+    return outputs
+
+
 def synthesize_iter(
     p: Plan,
     paths: list[Path],
@@ -547,35 +617,37 @@ def synthesize_iter(
     accumulate: str = "float32",
     force: bool = False,
     allow_nonfinite: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> Generator[Progress, None, None]:
-    """Stream every target of ``p`` into its file in one pass over the inputs, yielding progress.
+    """Stream every target of ``p`` into its file (or sharded folder) in one pass over the inputs, yielding progress.
 
-    Files appear only when complete; on any error (or if the iteration is
+    Outputs appear only when complete; on any error (or if the iteration is
     abandoned) no output file, and no folder made for one, is left behind.
     """
-    _check_outputs(p, paths, force)
-    out_name = dtype or p.input_dtype
-    layout = [
-        (e.name, FLOAT_DTYPES[out_name] if e.dtype.is_floating_point else e.code, e.shape) for e in p.entries
-    ]
-    writers: list[AtomicWriter] = []
+    check_outputs(p, paths, force, folders=max_shard_size is not None)
+    outputs = outputs_for(p, paths, dtype=dtype, accumulate=accumulate, max_shard_size=max_shard_size)
+    writers: list[OutputWriter] = []
     created: list[Path] = []
     done = False
     try:
-        for j, path in enumerate(paths):
-            created += _make_folders(path.parent)
-            writers.append(AtomicWriter(path, layout, _metadata(p, j, out_name, accumulate), overwrite=force))
+        for output in outputs:
+            created += make_folders(output.path.parent)
+            writers.append(OutputWriter(output, force=force))
         yield from stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite)
         for writer in writers:
             writer.commit()
         done = True
     finally:
         for writer in writers:
-            writer.abort()  # no-op for committed files; removes the temp file otherwise
+            writer.abort()  # no-op for committed outputs; removes the temp files otherwise
         if not done:
-            for folder in created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            remove_folders(created)
+
+
+def remove_folders(created: list[Path]) -> None:
+    for folder in created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _check_dtype(dtype: str | None, accumulate: str) -> None:
@@ -595,21 +667,31 @@ def synthesize(
     accumulate: str = "float32",
     force: bool = False,
     allow_nonfinite: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> list[Path]:
     """Synthesize the EMA of each ``sigma_rel`` at time ``t`` and write it as a safetensors file.
 
     One target: ``out`` is the file; several: ``out`` is a folder (default: the
-    current folder, files named ``ema-s<sigma_rel>-t<t>.safetensors``).
+    current folder, files named ``ema-s<sigma_rel>-t<t>.safetensors``). With
+    ``max_shard_size`` (``"5GB"``, ``"500MB"`` or bytes) each output is a Hugging
+    Face folder of shards plus ``model.safetensors.index.json``: ``out`` itself for
+    one target, one subfolder ``ema-s<sigma_rel>-t<t>`` each for several.
 
     >>> synthesize("ckpts", 0.15, out="ema-0.15.safetensors")  # doctest: +SKIP
     [PosixPath('ema-0.15.safetensors')]
+    >>> synthesize("ckpts", 0.15, out="ema-0.15", max_shard_size="5GB")  # doctest: +SKIP
+    [PosixPath('ema-0.15')]
     """
     targets = [sigma_rels] if isinstance(sigma_rels, (int, float)) else list(sigma_rels)
     name = _dtype_name(dtype)
     _check_dtype(name, accumulate)
     p = plan(ckpt_dir, targets, t=t)
-    paths = output_paths(p, out)
-    for _ in synthesize_iter(p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite):
+    paths = output_paths(p, out, max_shard_size=max_shard_size)
+    steps = synthesize_iter(
+        p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
+        max_shard_size=max_shard_size,
+    )
+    for _ in steps:
         pass
     return paths
 
