@@ -341,10 +341,12 @@ def _print_inspect(report: dict[str, Any]) -> None:
         console.print(table)
     else:
         console.print(f"{escape(report['folder'])}: no posthoc-ema snapshots")
-    if report["problems"] or report["ignored"]:
+    if report["problems"] or report["ignored"] or report["incomplete"]:
         console.print("\nProblems:" if report["problems"] else "\nNotes:")
         for line in report["problems"]:
             console.print(f"  - {escape(line)}")
+        for skipped in report["incomplete"]:
+            console.print(f"  - incomplete sharded snapshot {escape(skipped['path'])}: {escape(skipped['reason'])} (never used)")
         for skipped in report["ignored"]:
             console.print(f"  - skipped {escape(skipped['path'])}: {escape(skipped['reason'])}")
         if report["broken"]:

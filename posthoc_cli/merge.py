@@ -113,6 +113,12 @@ def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: in
             "record at least two sigma_rels (e.g. 0.05 and 0.10) to choose the EMA length afterwards",
         )
     usable = [s for s in snaps if s.t <= t]
+    sharded = [s for s in usable if s.sharded]
+    if sharded:  # placeholder until synthesis reads chunks (issue 10)
+        raise CatalogueError(
+            f"{sharded[0].path} is a sharded snapshot (a folder of rank files): synthesis of sharded snapshots is not supported yet",
+            "pass --step before its time, or synthesize with a version that reads sharded snapshots",
+        )
     problems = layout_problems(usable)
     if problems:
         raise CatalogueError(problems[0], "remove the snapshots of the other model or run from one folder per model")

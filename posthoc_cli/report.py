@@ -5,9 +5,11 @@ Plain data (JSON-ready dicts), built from headers alone; the CLI renders it.
 
 from __future__ import annotations
 
+import math
 from statistics import median
 from typing import Any
 
+from .container import DTYPES
 from .merge import NOISE_BOUND, unit_roundoff
 from .profiles import fit, sigma_rel_to_gamma
 from .snapshots import Catalogue, Snapshot, layout_problems
@@ -81,9 +83,10 @@ def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:
         "t_last": ts[-1],
         "spacing": _spacing(ts),
         "dtype": latest.dtype,
-        "tensors": len(latest.tensors),
-        "parameters": sum(e.numel for e in latest.tensors.values() if e.dtype.is_floating_point),
-        "bytes": sum(s.header.file_size for s in snaps),
+        "tensors": len(latest.layout),
+        "parameters": sum(math.prod(shape) for code, shape in latest.layout.values() if DTYPES[code].is_floating_point),
+        "bytes": sum(s.nbytes for s in snaps),
+        "sharded": sum(s.sharded for s in snaps),
     }
 
 
@@ -102,6 +105,7 @@ def inspect_report(catalogue: Catalogue) -> dict[str, Any]:
         "series": [_series_summary(s, group) for s, group in sorted(catalogue.series.items())],
         "broken": [{"path": str(s.path), "reason": s.reason} for s in catalogue.broken],
         "ignored": [{"path": str(s.path), "reason": s.reason} for s in catalogue.ignored],
+        "incomplete": [{"path": str(s.path), "reason": s.reason} for s in catalogue.incomplete],
         "problems": problems,
         "grid": _grid(catalogue) if snaps else [],
         "faithful_below": FAITHFUL,
