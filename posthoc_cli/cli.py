@@ -232,6 +232,11 @@ def _synthesis_warnings(p: Plan) -> list[str]:
             notes.append(
                 f"sigma_rel {sigma_rel}: profile error {error:.2g} — the snapshots represent this length only roughly; {where}"
             )
+    if p.incomplete:
+        notes.append(
+            f"{p.incomplete} incomplete sharded snapshot(s) in {p.folder} were skipped: writes that did not finish "
+            "(see `posthoc-ema inspect`)"
+        )
     if p.skipped_files:
         notes.append(f"{p.skipped_files} file(s) in {p.folder} are not snapshots and were ignored (see `posthoc-ema inspect`)")
     return notes

@@ -28,6 +28,7 @@ import torch
 
 from .container import DTYPES, TensorEntry, output_error, read_into
 from . import mapping
+from .chunked import read_flat
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
@@ -57,11 +58,20 @@ class Plan:
     fit: Fit  # weights => [inputs, targets]
     fixed_from: Snapshot  # the latest input: integer buffers are copied from it
     skipped_files: int  # files in the folder that are not snapshots
+    incomplete: int = 0  # sharded snapshots a crash left unfinished: never used
 
     @property
     def entries(self) -> list[TensorEntry]:
-        """The tensors of the output, in file order."""
-        return sorted(self.fixed_from.tensors.values(), key=lambda e: e.begin)
+        """The tensors of the output, in file order (global shapes; for a sharded set, offsets
+        as in the single file our writer would make, so that inputs are grouped alike)."""
+        if not self.fixed_from.sharded:
+            return sorted(self.fixed_from.tensors.values(), key=lambda e: e.begin)
+        return _virtual_entries(self.fixed_from)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether some input is a sharded set: then every input is read chunk by chunk."""
+        return any(s.sharded for s in [*self.inputs, self.fixed_from])
 
     @property
     def input_dtype(self) -> str:
@@ -113,12 +123,6 @@ def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: in
             "record at least two sigma_rels (e.g. 0.05 and 0.10) to choose the EMA length afterwards",
         )
     usable = [s for s in snaps if s.t <= t]
-    sharded = [s for s in usable if s.sharded]
-    if sharded:  # placeholder until synthesis reads chunks (issue 10)
-        raise CatalogueError(
-            f"{sharded[0].path} is a sharded snapshot (a folder of rank files): synthesis of sharded snapshots is not supported yet",
-            "pass --step before its time, or synthesize with a version that reads sharded snapshots",
-        )
     problems = layout_problems(usable)
     if problems:
         raise CatalogueError(problems[0], "remove the snapshots of the other model or run from one folder per model")
@@ -133,7 +137,18 @@ def plan(ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float], *, t: in
         fit=Fit(weights, result.profile_error, result.sum_abs_weights),
         fixed_from=usable[-1],
         skipped_files=len(catalogue.ignored),
+        incomplete=len(catalogue.incomplete),
     )
+
+
+def _virtual_entries(snap: Snapshot) -> list[TensorEntry]:
+    """Tensor entries of a snapshot's global layout, placed one after another from offset 0."""
+    entries, offset = [], 0
+    for name, (code, shape) in snap.layout.items():
+        nbytes = math.prod(shape) * DTYPES[code].itemsize
+        entries.append(TensorEntry(name, code, shape, offset, offset + nbytes))
+        offset += nbytes
+    return entries
 
 
 @dataclass(frozen=True)
@@ -343,6 +358,42 @@ class _Reader:
             self._rows.close()
 
 
+class _ChunkReader:
+    """The inputs' rows of one slice, gathered from their chunks (some input is a sharded set).
+
+    Rows are grouped as :meth:`_Reader._parts` groups them, by where the tensor
+    would start within a page in the single file our writer makes of the same
+    layout, so a sharded recording sums in the same order as single files.
+    """
+
+    def __init__(self, snaps: list[Snapshot]) -> None:
+        self.snaps = snaps
+        self._phases = [{e.name: e.begin % mapping.PAGE for e in _phase_entries(s)} for s in snaps]
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def groups(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+        order = sorted(inputs, key=lambda i: self._phases[i][s.entry.name])
+        parts = [list(run) for _, run in itertools.groupby(order, key=lambda i: self._phases[i][s.entry.name])]
+        x = self.read(s, [i for members in parts for i in members])
+        return [(members, rows) for members, rows in zip(parts, x.split([len(m) for m in parts]))]
+
+    def read(self, s: _Slice, inputs: list[int]) -> torch.Tensor:
+        need = len(inputs) * s.width
+        if self._buffer.numel() < need:
+            self._buffer = torch.empty(max(need, SLICE_BYTES), dtype=torch.uint8)
+        x = self._buffer[:need].view(len(inputs), s.width).view(s.entry.dtype)
+        for r, i in enumerate(inputs):
+            read_flat(self.snaps[i].chunks[s.entry.name], s.entry.shape, s.start, x[r])
+        return x
+
+    def close(self) -> None:
+        pass
+
+
+def _phase_entries(snap: Snapshot) -> list[TensorEntry]:
+    return _virtual_entries(snap) if snap.sharded else list(snap.tensors.values())
+
+
 class _Writer:
     """Hands finished slices to one background thread that writes them to every sink.
 
@@ -424,12 +475,17 @@ def stream(
     # slice k-1. The products run on this thread alone: a thread team for them would only contend for
     # the cores (measured ~50x slower under load).
     with contextlib.ExitStack() as cleanup:  # undone in reverse order, on success and on any error
-        files = _Inputs(p.inputs if latest is not None else [*p.inputs, p.fixed_from])
-        cleanup.callback(files.close)
+        snaps = p.inputs if latest is not None else [*p.inputs, p.fixed_from]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         cleanup.callback(torch.set_num_threads, threads)
-        readers = [_Reader(files, slices, n), _Reader(files, slices, n)]  # slice k uses readers[k % 2]
+        readers: list[_Reader] | list[_ChunkReader]
+        if p.chunked:
+            readers = [_ChunkReader(snaps), _ChunkReader(snaps)]
+        else:
+            files = _Inputs(snaps)
+            cleanup.callback(files.close)
+            readers = [_Reader(files, slices, n), _Reader(files, slices, n)]  # slice k uses readers[k % 2]
         for reader in readers:
             cleanup.callback(reader.close)
         writer = _Writer(sinks, capacity)
@@ -496,7 +552,7 @@ def _all_finite(y: torch.Tensor) -> bool:
     return math.isfinite(float(y.sum())) or bool(torch.isfinite(y).all())
 
 
-def _nonfinite(p: Plan, s: _Slice, reader: _Reader, out_dtype: torch.dtype) -> NonFiniteError:
+def _nonfinite(p: Plan, s: _Slice, reader: _Reader | _ChunkReader, out_dtype: torch.dtype) -> NonFiniteError:
     bad = [snap.path for i, snap in enumerate(p.inputs) if not bool(torch.isfinite(reader.read(s, [i])).all())]
     if bad:
         more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
