@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -169,22 +170,28 @@ def synthesize(
     inputs. The result loads with model.load_state_dict(safetensors.torch.load_file(path)).
     An existing output is kept unless --force is given; a failed run leaves no output.
     """
-    with _user_errors("interrupted — no output was written"):
+    team = _join_team()  # under torchrun: the ranks split the work; rank 0 alone prints
+    with _user_errors("interrupted — no output was written"), contextlib.ExitStack() as stack:
+        if team is not None:
+            stack.callback(team.close)
         if dtype is not None:
             _check_choice("--dtype", dtype, list(FLOAT_DTYPES))
         _check_choice("--accumulate", accumulate, list(ACCUMULATE))
         if max_shard_size is not None:
             parse_size(max_shard_size)
-        p = plan(folder, sigma_rel, t=step)
-        paths = output_paths(p, out, max_shard_size=max_shard_size)
-        started = time.perf_counter()
-        steps = synthesize_iter(
-            p, paths, dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
-            max_shard_size=max_shard_size,
+        options: dict[str, Any] = dict(
+            dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size
         )
+        if team is None:
+            p = plan(folder, sigma_rel, t=step)
+            paths = output_paths(p, out, max_shard_size=max_shard_size)
+        else:
+            p, paths = team.plan_outputs(folder, sigma_rel, t=step, out=out, max_shard_size=max_shard_size)
+        started = time.perf_counter()
+        steps = synthesize_iter(p, paths, **options) if team is None else team.synthesize_iter(p, paths, **options)
         total = 0
         try:
-            with _progress(enabled=sys.stderr.isatty()) as bar:
+            with _progress(enabled=sys.stderr.isatty() and (team is None or team.rank == 0)) as bar:
                 task = bar.add_task("synthesizing", total=None) if bar else None
                 for progress in steps:
                     total = progress.total
@@ -195,12 +202,35 @@ def synthesize(
             getattr(steps, "close", lambda: None)()
         seconds = time.perf_counter() - started
         warnings = _synthesis_warnings(p)
+        if team is not None and team.rank != 0:
+            return
         if as_json:
             _json(_synthesis_document(p, paths, dtype, accumulate, total, seconds, warnings))
         else:
             _print_synthesis(p, paths, total, seconds)
         for warning in warnings:
             _say(f"Warning: {warning}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _join_team() -> Any:
+    """The ranks of a parallel synthesis when started by torchrun (None otherwise). Ranks other
+    than 0 print nothing: rank 0 reports their errors too."""
+    if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None  # as parallel.launched(), without importing torch.distributed
+    from . import parallel
+
+    # torchrun stops the other ranks with SIGTERM when one fails: unwind, so temporary files are removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    team = parallel.Team.join()
+    if team.rank != 0:
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, sys.stdout.fileno())
+        os.dup2(quiet, sys.stderr.fileno())
+    return team
 
 
 @contextlib.contextmanager

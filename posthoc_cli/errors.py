@@ -54,3 +54,11 @@ class NonFiniteError(PosthocError):
 
 class WriterError(PosthocError):
     """A background snapshot write failed; raised in the training thread."""
+
+
+class ParallelError(PosthocError):
+    """Another rank of a parallel synthesis failed (its message), or stopped without a word."""
+
+    def __init__(self, what: str, fix: str | None = None, *, exit_code: int = 1) -> None:
+        super().__init__(what, fix)
+        self.exit_code = exit_code

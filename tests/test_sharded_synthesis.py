@@ -21,6 +21,7 @@ import posthoc_cli
 from posthoc_cli.chunked import flat_boxes
 from posthoc_cli.cli import app
 from posthoc_cli.container import load_tensors
+from posthoc_cli.sharding import read_region
 from posthoc_cli.snapshots import read_snapshot
 from shardsets import Chunking, grid, set_folder, write_set
 
@@ -110,3 +111,55 @@ def test_incomplete_sets_are_skipped_with_a_warning_and_the_default_time_is_the_
     assert "t=180" in result.stdout and "Warning: 2 incomplete sharded snapshot(s)" in result.stderr
     want = posthoc_cli.load_synthesized(recorded, 0.15, t=180)
     assert same_bits(safetensors.torch.load_file(tmp_path / "o.safetensors"), want)
+
+
+def _bend(folder: Path, how: str) -> Path:
+    """Damage the last 0.05 set of a resharded folder as ``how`` says; returns the file the error must name."""
+    target = folder / "ema-s0.050-t000000000200"
+    tensors = {n: read_region(c, (0,) * len(s), s) for (n, (_, s)), c in zip(read_snapshot(target).layout.items(), read_snapshot(target).chunks.values())}
+    shutil.rmtree(target)
+    chunking = grid(tensors, 2)
+    if how == "overlap":
+        chunking[1]["fc1.weight"] = ((7, 0), (9, 8))  # rank 0 holds rows 0..8
+        write_set(target, tensors, chunking, t=200)
+        return target / "rank-00001.safetensors"
+    if how == "gap":
+        chunking[1]["fc1.weight"] = ((9, 0), (7, 8))  # row 8 is nowhere
+        write_set(target, tensors, chunking, t=200)
+        return target
+    if how == "shapes":
+        write_set(target, tensors, chunking, t=200, edit=lambda r, info, s: info["shard"]["shapes"].update({"fc2.bias": [4]}) if r else None)
+        return target / "rank-00001.safetensors"
+    if how == "two-world-sizes-in-one-set":
+        write_set(target, tensors, grid(tensors, 3), t=200, ranks=[2])
+        write_set(target, tensors, chunking, t=200)
+        return target / "rank-00002.safetensors"
+    assert how == "contradicting-sets-at-one-time"
+    write_set(target, tensors, chunking, t=200)
+    other = {n: t + 1 if t.is_floating_point() else t for n, t in tensors.items()}
+    write_set(folder / "ema-s0.050-t000000000200-ws3", other, grid(other, 3), t=200)
+    return folder / "ema-s0.050-t000000000200-ws3"
+
+
+@pytest.mark.parametrize("how", ["overlap", "gap", "shapes", "two-world-sizes-in-one-set", "contradicting-sets-at-one-time"])
+def test_hostile_sets_stop_the_cli_with_one_error_naming_the_file(recorded, tmp_path, how):
+    folder = reshard(recorded, tmp_path / "sharded", [2])
+    named = _bend(folder, how)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    for extra in ([], ["--max-shard-size", "300"]):
+        result = CliRunner().invoke(app, ["synthesize", str(folder), "-s", "0.15", "--out", str(out / "x"), *extra])
+        assert result.exit_code == 1, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and str(named) in lines[0]
+        assert not out.exists()
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_a_missing_rank_file_is_an_incomplete_set_skipped_not_an_error(recorded, tmp_path):
+    folder = reshard(recorded, tmp_path / "sharded", [3])
+    (folder / "ema-s0.050-t000000000100" / "rank-00002.safetensors").unlink()
+    result = CliRunner().invoke(app, ["synthesize", str(folder), "-s", "0.15", "--out", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 0 and "Warning: 1 incomplete sharded snapshot(s)" in result.stderr
+    (recorded / "ema-s0.050-t000000000100.safetensors").unlink()
+    assert same_bits(safetensors.torch.load_file(tmp_path / "o.safetensors"), posthoc_cli.load_synthesized(recorded, 0.15))
