@@ -170,8 +170,8 @@ def synthesize(
     inputs. The result loads with model.load_state_dict(safetensors.torch.load_file(path)).
     An existing output is kept unless --force is given; a failed run leaves no output.
     """
-    team = _join_team()  # under torchrun: the ranks split the work; rank 0 alone prints
     with _user_errors("interrupted — no output was written"), contextlib.ExitStack() as stack:
+        team = _join_team()  # under torchrun: the ranks split the work; rank 0 alone prints
         if team is not None:
             stack.callback(team.close)
         if dtype is not None:

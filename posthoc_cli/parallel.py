@@ -85,7 +85,13 @@ class Team:
         """Join the process group the launcher describes (initialised here unless it already is)."""
         if dist.is_initialized():
             return cls()
-        dist.init_process_group("gloo", timeout=timeout)
+        try:
+            dist.init_process_group("gloo", timeout=timeout)
+        except Exception as e:  # rendezvous failed: unreachable MASTER_ADDR, a port in use, a timeout
+            raise ParallelError(
+                f"cannot join the ranks of the parallel synthesis ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+                "check torchrun's --rdzv-endpoint / MASTER_ADDR and MASTER_PORT",
+            ) from e
         return cls(owns_default=True)
 
     def close(self) -> None:

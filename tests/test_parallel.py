@@ -108,3 +108,17 @@ def test_a_killed_rank_leaves_nothing_under_a_final_name(recorded, tmp_path):
     assert "SIGXFSZ" in result.stderr  # torchrun's report: rank 1 was killed by the file size limit
     assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) <= 1  # rank 0's, if it got to say it
     assert final_names(out) == []
+
+
+def test_one_process_never_touches_torch_distributed(recorded, tmp_path):
+    code = (
+        "import sys, torch.distributed as dist\n"
+        "from typer.testing import CliRunner\n"
+        "from posthoc_cli.cli import app\n"
+        f"r = CliRunner().invoke(app, ['synthesize', {str(recorded)!r}, '-s', '0.15', '--out', {str(tmp_path / 'o')!r}, '--max-shard-size', '1KB'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print('posthoc_cli.parallel' in sys.modules, dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert result.stdout.split() == ["False", "False"], result.stderr
