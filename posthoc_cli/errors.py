@@ -54,3 +54,7 @@ class NonFiniteError(PosthocError):
 
 class WriterError(PosthocError):
     """A background snapshot write failed; raised in the training thread."""
+
+
+class ModelChangedError(PosthocError):
+    """The model's tensors were replaced in a way the Recorder cannot follow (e.g. resharded after averaging began)."""
