@@ -17,6 +17,7 @@ from ._version import __version__
 from .errors import (
     CatalogueError,
     InvalidValueError,
+    ModelChangedError,
     NonFiniteError,
     OutputError,
     PosthocError,
@@ -40,6 +41,7 @@ __all__ = [
     "SIGMA_REL_MAX",
     "CatalogueError",
     "InvalidValueError",
+    "ModelChangedError",
     "NonFiniteError",
     "OutputError",
     "PosthocError",

@@ -62,3 +62,7 @@ class ParallelError(PosthocError):
     def __init__(self, what: str, fix: str | None = None, *, exit_code: int = 1) -> None:
         super().__init__(what, fix)
         self.exit_code = exit_code
+
+
+class ModelChangedError(PosthocError):
+    """The model's tensors were replaced in a way the Recorder cannot follow (e.g. resharded after averaging began)."""
