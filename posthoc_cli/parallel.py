@@ -205,8 +205,9 @@ class Team:
             part = self.part(p)
             error: BaseException | None = None
             done = (0, 0)
-            sinks = [_PieceSink(target, _out_offset(p, part, dtype)) for target in pieces]
+            sinks: list[_PieceSink] = []
             try:
+                sinks = [_PieceSink(target, _out_offset(p, part, dtype)) for target in pieces]
                 for progress in stream(
                     p, sinks, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite, part=part
                 ):
