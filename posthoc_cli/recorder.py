@@ -120,13 +120,13 @@ class Recorder:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create snapshot folder {self.ckpt_dir} ({e.strerror})", "pass another ckpt_dir") from e
-        self._start()
+        self._start(initial=True)
         # A script that never calls close() still gets its queued snapshots written at exit.
         weakref.finalize(self, SnapshotWriter.close, self._writer)
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self, initial: bool = False) -> None:
         """Bind the model's tensors, make the EMAs, and continue the folder's snapshots (again after a rebind)."""
         self._collect_tensors(self._ema_device)
         self._t = 0  # time of the latest update() call
@@ -144,6 +144,8 @@ class Recorder:
         else:  # every rank tracks the EMAs (so each can evaluate with them), rank 0 writes.
             self.writes = self._write_option if self._write_option is not None else _rank() == 0
         self._resume(scan(self.ckpt_dir))
+        if initial:
+            self._clear_stale()
         self._bound_updates = list(self._updates)  # what a rebind before the next update may start over from
 
     def _collect_tensors(self, ema_device: torch.device | str | None) -> None:
@@ -207,7 +209,7 @@ class Recorder:
             return
         self.flush()  # pending snapshots hold the old staging buffers and slots
         if self._updates == self._bound_updates:
-            self._start()
+            self._start()  # (FSDP2 re-pads its local shards at the first forward: this is the usual path)
             return
         before = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
         chunks_before = self._plan.chunks if self._plan is not None else None
@@ -221,8 +223,10 @@ class Recorder:
         if before != after or chunks_before != chunks_after or len(self._fixed) != fixed_count:
             raise ModelChangedError(
                 f"the model's tensors were replaced by tensors of another layout or sharding after the Recorder "
-                f"had averaged {max(self._updates)} updates (e.g. fully_shard or load_state_dict(assign=True) with other shapes)",
-                "create the Recorder after the model is moved, sharded and loaded (it resumes from its folder)",
+                f"had averaged {max(self._updates)} updates (e.g. fully_shard or load_state_dict(assign=True) with other shapes; "
+                "FSDP2 also leaves the root's parameters unsharded after a forward pass without backward)",
+                "create the Recorder after the model is moved, sharded and loaded (it resumes from its folder); "
+                "with FSDP2 call model.reshard() before update() after a forward pass without backward",
             )
         with torch.no_grad():
             self._emas = [[old.to(new.device) for old, new in zip(ema, self._emas[0])] for ema in emas]
@@ -243,7 +247,6 @@ class Recorder:
         """Continue the snapshots already in the folder, or refuse with what differs."""
         self._stale = [skipped.path for skipped in catalogue.incomplete]  # unfinished sets: rewritten, never read
         if not catalogue.series and not catalogue.broken:
-            self._clear_stale()
             return
         catalogue.raise_if_broken()
         where = self.ckpt_dir
@@ -276,7 +279,6 @@ class Recorder:
             self._updates[k] = latest.updates
             self._written.update(((k, s.t), None) for s in catalogue.series[sigma_rel])
         self._t = min(self._t_ema)
-        self._clear_stale()
 
     def _load(self, k: int, snap: Snapshot) -> None:
         """EMA ``k`` from a snapshot: each rank reads its own chunk of each tensor (any stored chunking)."""
