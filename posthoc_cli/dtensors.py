@@ -28,6 +28,7 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -83,6 +84,22 @@ class ShardPlan:
     mesh_shape: tuple[int, ...]  # the largest mesh seen (for messages)
 
 
+def _world_mesh(mesh: Any, replicate: list[bool]) -> tuple[torch.Tensor | None, list[int]]:
+    """The ranks of the mesh spanning the job (a sub-mesh's root) and its dimensions the tensor is replicated over.
+
+    A DTensor on a sub-mesh (``world_mesh["dp"]``, as FSDP2 over TP makes for the
+    parameters TP leaves alone) is replicated over the root's other dimensions.
+    """
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    if root is mesh:
+        return mesh.mesh, [d for d, r in enumerate(replicate) if r]
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if not names or not root_names or not set(names) <= set(root_names):
+        return None, []  # a flattened or unnamed sub-mesh: its place in the root is unknown
+    within = {root_names.index(n): r for n, r in zip(names, replicate)}
+    return root.mesh, [d for d in range(len(root_names)) if within.get(d, True)]
+
+
 def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
     """The global ranks that write ``tensor`` (a DTensor) and this rank's chunk of it."""
     from torch.distributed.tensor import Replicate, Shard
@@ -96,16 +113,15 @@ def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
                 "record a model sharded with fully_shard, parallelize_module or HSDP on one mesh (not FSDP over TP on the same dimension)",
             )
     world = torch.distributed.get_world_size()
-    ranks = mesh.mesh
-    if ranks.numel() != world:
+    ranks, replicated = _world_mesh(mesh, [isinstance(p, Replicate) for p in placements])
+    if ranks is None or ranks.numel() != world:
         raise InvalidValueError(
-            f"the model holds {name()} on a mesh of {ranks.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
+            f"the model holds {name()} on a mesh of {mesh.mesh.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
             "put every rank in the DTensor's mesh (e.g. HSDP on a 2-D mesh instead of a sub-mesh plus DDP)",
         )
     (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
-    for dim, p in enumerate(placements):
-        if isinstance(p, Replicate):
-            ranks = ranks.narrow(dim, 0, 1)
+    for dim in replicated:
+        ranks = ranks.narrow(dim, 0, 1)
     offsets, local_shape = tuple(int(o) for o in chunk.offsets), tuple(int(n) for n in chunk.sizes)
     writers = set(ranks.flatten().tolist())
     me = torch.distributed.get_rank()

@@ -131,3 +131,14 @@ def test_torch_reads_a_snapshot_folder_with_its_own_hugging_face_reader(tmp_path
     assert all(torch.equal(state[n], ours[n]) for n in ours)
     ref = {(s.sigma_rel, s.t): s for s in scan(reference).snapshots}[(0.05, 4)]
     assert all(torch.equal(state[n], t) for n, t in full_tensors(ref).items())
+
+
+def test_fsdp2_over_tensor_parallel_on_a_2x2_mesh(tmp_path, reference):
+    """fully_shard over dp after parallelize_module over tp: 2-D chunks, and dp-only parameters replicated over tp written once."""
+    torchrun(4, "fsdp+tp", tmp_path / "ckpts", 4)
+    snap = scan(tmp_path / "ckpts").snapshots[-1]
+    assert [c.offsets for c in snap.chunks["fc2.weight"]] == [(0, 0), (0, 4), (3, 0), (3, 4)]
+    assert [c.offsets for c in snap.chunks["fc1.weight"]] == [(0, 0), (4, 0)]
+    ref = {(s.sigma_rel, s.t): s for s in scan(reference).snapshots}[(snap.sigma_rel, snap.t)]
+    ours = full_tensors(snap)
+    assert all(torch.equal(ours[n], t) for n, t in full_tensors(ref).items())
