@@ -48,6 +48,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def refuse_unsupported(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Legacy FSDP (flat parameters) and DeepSpeed hide the model's real tensors: say so instead of averaging garbage."""
+    refuse_old_torch(state)
     fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
     flat = sys.modules.get("torch.distributed.fsdp._flat_param")
     if (fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules())) or (
@@ -61,6 +62,33 @@ def refuse_unsupported(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
         raise InvalidValueError(
             "the model is managed by DeepSpeed (ZeRO partitioned parameters), which the Recorder does not support",
             "use torch.distributed's fully_shard (FSDP2) or DDP, or record the unwrapped model",
+        )
+
+
+def spec(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What :func:`rebuild` needs to make a local tensor a DTensor like ``tensor`` (None: not a DTensor)."""
+    if not is_dtensor(tensor):
+        return None
+    return (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())  # type: ignore[attr-defined]
+
+
+def rebuild(local_tensor: torch.Tensor, how: tuple[Any, ...] | None) -> torch.Tensor:
+    """``local_tensor`` as the DTensor ``spec`` describes (no communication), or as it is."""
+    if how is None:
+        return local_tensor
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements, shape, stride = how
+    return DTensor.from_local(local_tensor, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def refuse_old_torch(state: Mapping[str, torch.Tensor]) -> None:
+    """Sharded recording relies on torch 2.6's public DTensor and fully_shard."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+    if version < (2, 6) and any(type(t).__name__ == "DTensor" for t in state.values()):
+        raise InvalidValueError(
+            f"recording a sharded (DTensor) model needs torch 2.6 or later, not {torch.__version__}",
+            "upgrade torch (pip install 'torch>=2.6')",
         )
 
 
@@ -158,4 +186,4 @@ def shard_plan(state: Mapping[str, torch.Tensor]) -> ShardPlan | None:
     return ShardPlan(order.index(me) if me in everyone else None, len(order), chunks, mesh_shape)
 
 
-__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "refuse_unsupported", "shard_plan"]
+__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "rebuild", "refuse_unsupported", "shard_plan", "spec"]

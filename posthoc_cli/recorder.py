@@ -157,6 +157,7 @@ class Recorder:
         if len(set(self.names)) != len(self.names):
             raise InvalidValueError("tensor names collide after removing wrapper prefixes", "record the unwrapped model")
         self._watch = Watch.of(self.model, list(state), sharded=self._plan is not None)
+        self._specs = [dtensors.spec(t) for t in state.values()]  # per name: how to rebuild a DTensor (or None)
         self._sources: list[torch.Tensor] = []  # unique floating-point tensors of the model (local shards)
         index: dict[object, int] = {}  # storage key → position in _sources; tied weights share one EMA
         self._slots: list[tuple[bool, int]] = []  # per name: (averaged?, index into _sources or _fixed)
@@ -448,12 +449,16 @@ class Recorder:
     # -- using an EMA -----------------------------------------------------------------------------
 
     def ema_state_dict(self, sigma_rel: float) -> dict[str, torch.Tensor]:
-        """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are)."""
+        """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are).
+
+        For a sharded model each rank gets its local shards, as DTensors laid out like
+        the model's parameters (no communication), so ``model.load_state_dict`` takes it.
+        """
         k = self._index(sigma_rel)
         self._follow_model()
         return {
-            name: (self._emas[k][i] if averaged else self._fixed[i]).detach().clone()
-            for name, (averaged, i) in zip(self.names, self._slots)
+            name: dtensors.rebuild((self._emas[k][i] if averaged else self._fixed[i]).detach().clone(), spec)
+            for name, (averaged, i), spec in zip(self.names, self._slots, self._specs)
         }
 
     @contextlib.contextmanager

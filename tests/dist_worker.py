@@ -150,6 +150,29 @@ class Collectives:
         return counted
 
 
+def check_local_use(model: nn.Module, rec: object) -> None:
+    """``ema_state_dict`` gives local shards as DTensors that load into the model; ``swapped`` swaps local shards."""
+    from posthoc_cli.dtensors import is_dtensor
+
+    ema = rec.ema_state_dict(0.05)  # type: ignore[attr-defined]
+    live = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    for name, t in model.state_dict().items():
+        assert is_dtensor(ema[name]) == is_dtensor(t), name
+        if is_dtensor(t):
+            assert ema[name].shape == t.shape and ema[name].placements == t.placements, name
+    with rec.swapped(0.05):  # type: ignore[attr-defined]
+        for name, t in model.state_dict().items():
+            mine = t._local_tensor if is_dtensor(t) else t
+            theirs = ema[name]._local_tensor if is_dtensor(ema[name]) else ema[name]
+            if mine.is_floating_point():
+                assert torch.equal(mine, theirs), name
+    for name, t in model.state_dict().items():  # the training weights are back
+        a = t._local_tensor if is_dtensor(t) else t
+        b = live[name]._local_tensor if is_dtensor(live[name]) else live[name]
+        assert torch.equal(a, b), name
+    model.load_state_dict(ema)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("layout")
@@ -207,6 +230,7 @@ def main() -> None:
             rec.update()
         in_updates += (counter.count - before) if counter else 0
     rec.close()
+    check_local_use(model, rec)
     if counter and args.count:
         args.count.with_name(f"{args.count.stem}-{rank}.json").write_text(
             json.dumps({"updates": args.steps - 0, "in_updates": in_updates, "in_forward": in_forward})

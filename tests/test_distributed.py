@@ -9,6 +9,7 @@ the same full weights every step records (``shardsets.assert_same_snapshots``).
 from __future__ import annotations
 
 import json
+import re
 import random
 import socket
 import subprocess
@@ -142,3 +143,17 @@ def test_fsdp2_over_tensor_parallel_on_a_2x2_mesh(tmp_path, reference):
     ref = {(s.sigma_rel, s.t): s for s in scan(reference).snapshots}[(snap.sigma_rel, snap.t)]
     ours = full_tensors(snap)
     assert all(torch.equal(ours[n], t) for n, t in full_tensors(ref).items())
+
+
+def test_the_readme_fsdp2_script_runs_under_torchrun(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (script,) = [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", readme, re.S | re.M) if body.startswith("# train_fsdp2.py")]
+    (tmp_path / "train_fsdp2.py").write_text(script)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "train_fsdp2.py"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-5000:]
+    catalogue = scan(tmp_path / "ckpts")
+    assert not catalogue.broken and not catalogue.incomplete
+    assert [(s.sigma_rel, s.t, len(s.files)) for s in catalogue.series[0.05]] == [(0.05, t, 2) for t in (50, 100, 150, 200)]
+    assert (tmp_path / "ckpts" / "ema-s0.050-t000000000050" / "rank-00001.safetensors").is_file()
