@@ -28,6 +28,7 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,6 +48,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def refuse_unsupported(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Legacy FSDP (flat parameters) and DeepSpeed hide the model's real tensors: say so instead of averaging garbage."""
+    refuse_old_torch(state)
     fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
     flat = sys.modules.get("torch.distributed.fsdp._flat_param")
     if (fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules())) or (
@@ -60,6 +62,33 @@ def refuse_unsupported(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
         raise InvalidValueError(
             "the model is managed by DeepSpeed (ZeRO partitioned parameters), which the Recorder does not support",
             "use torch.distributed's fully_shard (FSDP2) or DDP, or record the unwrapped model",
+        )
+
+
+def spec(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What :func:`rebuild` needs to make a local tensor a DTensor like ``tensor`` (None: not a DTensor)."""
+    if not is_dtensor(tensor):
+        return None
+    return (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())  # type: ignore[attr-defined]
+
+
+def rebuild(local_tensor: torch.Tensor, how: tuple[Any, ...] | None) -> torch.Tensor:
+    """``local_tensor`` as the DTensor ``spec`` describes (no communication), or as it is."""
+    if how is None:
+        return local_tensor
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements, shape, stride = how
+    return DTensor.from_local(local_tensor, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def refuse_old_torch(state: Mapping[str, torch.Tensor]) -> None:
+    """Sharded recording relies on torch 2.6's public DTensor and fully_shard."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+    if version < (2, 6) and any(type(t).__name__ == "DTensor" for t in state.values()):
+        raise InvalidValueError(
+            f"recording a sharded (DTensor) model needs torch 2.6 or later, not {torch.__version__}",
+            "upgrade torch (pip install 'torch>=2.6')",
         )
 
 
@@ -83,6 +112,22 @@ class ShardPlan:
     mesh_shape: tuple[int, ...]  # the largest mesh seen (for messages)
 
 
+def _world_mesh(mesh: Any, replicate: list[bool]) -> tuple[torch.Tensor | None, list[int]]:
+    """The ranks of the mesh spanning the job (a sub-mesh's root) and its dimensions the tensor is replicated over.
+
+    A DTensor on a sub-mesh (``world_mesh["dp"]``, as FSDP2 over TP makes for the
+    parameters TP leaves alone) is replicated over the root's other dimensions.
+    """
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    if root is mesh:
+        return mesh.mesh, [d for d, r in enumerate(replicate) if r]
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if not names or not root_names or not set(names) <= set(root_names):
+        return None, []  # a flattened or unnamed sub-mesh: its place in the root is unknown
+    within = {root_names.index(n): r for n, r in zip(names, replicate)}
+    return root.mesh, [d for d in range(len(root_names)) if within.get(d, True)]
+
+
 def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
     """The global ranks that write ``tensor`` (a DTensor) and this rank's chunk of it."""
     from torch.distributed.tensor import Replicate, Shard
@@ -96,16 +141,15 @@ def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
                 "record a model sharded with fully_shard, parallelize_module or HSDP on one mesh (not FSDP over TP on the same dimension)",
             )
     world = torch.distributed.get_world_size()
-    ranks = mesh.mesh
-    if ranks.numel() != world:
+    ranks, replicated = _world_mesh(mesh, [isinstance(p, Replicate) for p in placements])
+    if ranks is None or ranks.numel() != world:
         raise InvalidValueError(
-            f"the model holds {name()} on a mesh of {ranks.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
+            f"the model holds {name()} on a mesh of {mesh.mesh.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
             "put every rank in the DTensor's mesh (e.g. HSDP on a 2-D mesh instead of a sub-mesh plus DDP)",
         )
     (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
-    for dim, p in enumerate(placements):
-        if isinstance(p, Replicate):
-            ranks = ranks.narrow(dim, 0, 1)
+    for dim in replicated:
+        ranks = ranks.narrow(dim, 0, 1)
     offsets, local_shape = tuple(int(o) for o in chunk.offsets), tuple(int(n) for n in chunk.sizes)
     writers = set(ranks.flatten().tolist())
     me = torch.distributed.get_rank()
@@ -142,4 +186,4 @@ def shard_plan(state: Mapping[str, torch.Tensor]) -> ShardPlan | None:
     return ShardPlan(order.index(me) if me in everyone else None, len(order), chunks, mesh_shape)
 
 
-__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "refuse_unsupported", "shard_plan"]
+__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "rebuild", "refuse_unsupported", "shard_plan", "spec"]

@@ -120,13 +120,13 @@ class Recorder:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create snapshot folder {self.ckpt_dir} ({e.strerror})", "pass another ckpt_dir") from e
-        self._start()
+        self._start(initial=True)
         # A script that never calls close() still gets its queued snapshots written at exit.
         weakref.finalize(self, SnapshotWriter.close, self._writer)
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self, initial: bool = False) -> None:
         """Bind the model's tensors, make the EMAs, and continue the folder's snapshots (again after a rebind)."""
         self._collect_tensors(self._ema_device)
         self._t = 0  # time of the latest update() call
@@ -144,6 +144,8 @@ class Recorder:
         else:  # every rank tracks the EMAs (so each can evaluate with them), rank 0 writes.
             self.writes = self._write_option if self._write_option is not None else _rank() == 0
         self._resume(scan(self.ckpt_dir))
+        if initial:
+            self._clear_stale()
         self._bound_updates = list(self._updates)  # what a rebind before the next update may start over from
 
     def _collect_tensors(self, ema_device: torch.device | str | None) -> None:
@@ -155,6 +157,7 @@ class Recorder:
         if len(set(self.names)) != len(self.names):
             raise InvalidValueError("tensor names collide after removing wrapper prefixes", "record the unwrapped model")
         self._watch = Watch.of(self.model, list(state), sharded=self._plan is not None)
+        self._specs = [dtensors.spec(t) for t in state.values()]  # per name: how to rebuild a DTensor (or None)
         self._sources: list[torch.Tensor] = []  # unique floating-point tensors of the model (local shards)
         index: dict[object, int] = {}  # storage key → position in _sources; tied weights share one EMA
         self._slots: list[tuple[bool, int]] = []  # per name: (averaged?, index into _sources or _fixed)
@@ -207,7 +210,7 @@ class Recorder:
             return
         self.flush()  # pending snapshots hold the old staging buffers and slots
         if self._updates == self._bound_updates:
-            self._start()
+            self._start()  # (FSDP2 re-pads its local shards at the first forward: this is the usual path)
             return
         before = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
         chunks_before = self._plan.chunks if self._plan is not None else None
@@ -221,8 +224,10 @@ class Recorder:
         if before != after or chunks_before != chunks_after or len(self._fixed) != fixed_count:
             raise ModelChangedError(
                 f"the model's tensors were replaced by tensors of another layout or sharding after the Recorder "
-                f"had averaged {max(self._updates)} updates (e.g. fully_shard or load_state_dict(assign=True) with other shapes)",
-                "create the Recorder after the model is moved, sharded and loaded (it resumes from its folder)",
+                f"had averaged {max(self._updates)} updates (e.g. fully_shard or load_state_dict(assign=True) with other shapes; "
+                "FSDP2 also leaves the root's parameters unsharded after a forward pass without backward)",
+                "create the Recorder after the model is moved, sharded and loaded (it resumes from its folder); "
+                "with FSDP2 call model.reshard() before update() after a forward pass without backward",
             )
         with torch.no_grad():
             self._emas = [[old.to(new.device) for old, new in zip(ema, self._emas[0])] for ema in emas]
@@ -243,7 +248,6 @@ class Recorder:
         """Continue the snapshots already in the folder, or refuse with what differs."""
         self._stale = [skipped.path for skipped in catalogue.incomplete]  # unfinished sets: rewritten, never read
         if not catalogue.series and not catalogue.broken:
-            self._clear_stale()
             return
         catalogue.raise_if_broken()
         where = self.ckpt_dir
@@ -276,7 +280,6 @@ class Recorder:
             self._updates[k] = latest.updates
             self._written.update(((k, s.t), None) for s in catalogue.series[sigma_rel])
         self._t = min(self._t_ema)
-        self._clear_stale()
 
     def _load(self, k: int, snap: Snapshot) -> None:
         """EMA ``k`` from a snapshot: each rank reads its own chunk of each tensor (any stored chunking)."""
@@ -446,12 +449,16 @@ class Recorder:
     # -- using an EMA -----------------------------------------------------------------------------
 
     def ema_state_dict(self, sigma_rel: float) -> dict[str, torch.Tensor]:
-        """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are)."""
+        """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are).
+
+        For a sharded model each rank gets its local shards, as DTensors laid out like
+        the model's parameters (no communication), so ``model.load_state_dict`` takes it.
+        """
         k = self._index(sigma_rel)
         self._follow_model()
         return {
-            name: (self._emas[k][i] if averaged else self._fixed[i]).detach().clone()
-            for name, (averaged, i) in zip(self.names, self._slots)
+            name: dtensors.rebuild((self._emas[k][i] if averaged else self._fixed[i]).detach().clone(), spec)
+            for name, (averaged, i), spec in zip(self.names, self._slots, self._specs)
         }
 
     @contextlib.contextmanager

@@ -96,3 +96,34 @@ def write_set(
 
 def set_folder(root: Path, sigma_rel: float = 0.05, t: int = 100) -> Path:
     return root / set_name(sigma_rel, t)
+
+
+def full_tensors(snap: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of a snapshot (set or file), assembled from its chunks."""
+    from posthoc_cli.sharding import read_region
+
+    return {name: read_region(snap.chunks[name], (0,) * len(shape), shape) for name, (_, shape) in snap.layout.items()}
+
+
+def assert_same_snapshots(folder: Path, reference: Path, *, sharded: bool = True) -> int:
+    """The snapshots of ``folder`` (sets) hold, bit for bit, what the single files of ``reference`` hold.
+
+    Same (sigma_rel, t) pairs, same records (updates, dtype, time unit), same tensors
+    in the same order. Returns the number of snapshots compared.
+    """
+    from posthoc_cli import scan
+
+    ours, theirs = scan(folder), scan(reference)
+    assert not ours.broken and not ours.incomplete, (ours.broken, ours.incomplete)
+    mine = {(s.sigma_rel, s.t): s for s in ours.snapshots}
+    other = {(s.sigma_rel, s.t): s for s in theirs.snapshots}
+    assert sorted(mine) == sorted(other)
+    for key, ref in other.items():
+        snap = mine[key]
+        assert snap.sharded == sharded
+        assert (snap.updates, snap.dtype, snap.time_unit) == (ref.updates, ref.dtype, ref.time_unit), key
+        assert list(snap.layout.items()) == list(ref.layout.items()), key
+        a, b = full_tensors(snap), full_tensors(ref)
+        for name in b:
+            assert torch.equal(a[name], b[name]), (key, name)
+    return len(other)
