@@ -13,16 +13,35 @@ The update half (issue 10), in :func:`bench_fsdp2_update`:
 
     python scripts/bench_distributed.py [--quick] [--repeats N]
 
-(The synthesis half is added beside it: keep each half in its own functions.)
+The synthesis half, in :func:`bench_parallel_synthesis`: a real ``nn.Module`` of
+``--model-mb`` MB (float32 Linear(1024, 1024) layers) recorded by a Recorder with
+2 sigma_rels, ``--snapshots`` each (2 x 20 x 64 MB = 2.56 GB). Interleaved, medians of
+``--repeats`` after a warm-up round, inputs in page cache, outputs deleted and
+``os.sync()`` between runs outside the timing:
+
+- ``posthoc-ema synthesize ckpts -s 0.15 --json`` in one process, and under torchrun with
+  1 and 2 ranks (the ``seconds`` it reports: the pass from planning done to the commit
+  after every rank finished; process start-up and the rendezvous are outside);
+- the bound: reading the inputs once from page cache with 1 process, and with 2
+  processes each reading half of every file at once.
+
+It prints the speed-up of 2 ranks over 1 (target >= 1.5x unless memory bandwidth caps
+it) and what reading alone gains from the second process.
+
+    python scripts/bench_distributed.py --half synthesis [--quick] [--repeats N] [--model-mb 64] [--snapshots 20]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
+import time
+from multiprocessing import Pool
 from pathlib import Path
 
 import _bench as B
@@ -184,16 +203,118 @@ def print_fsdp2_update(figures: list[dict], layers: int, width: int, steps: int,
           f"{'0' if zero else 'NOT 0'} (target 0); bytes written within {max(abs(f['written'] / f['share'] - 1) for f in figures) * 100:.2f} % of the share (target 1 %)")
 
 
+# -- the synthesis half ---------------------------------------------------------------------
+
+SYNTH_WIDTH = 1024
+SYNTH_TARGET = "0.15"
+
+
+def _synth_build(folder: Path, layers: int, n: int) -> None:
+    from posthoc_cli import Recorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(SYNTH_WIDTH, SYNTH_WIDTH) for _ in range(layers)))
+    params = list(model.parameters())
+    noise = [torch.randn_like(p) * 1e-2 for p in params]
+    with torch.no_grad(), Recorder(model, folder, sigma_rels=(0.05, 0.10), snapshot_every=100) as rec:
+        for i in range(1, n + 1):
+            for p, z in zip(params, noise):
+                p.add_(z, alpha=float(torch.rand(()) * 2 - 1))
+            rec.update(step=i * 100)
+    os.sync()
+
+
+def _read_part(job: tuple[list[str], int, int]) -> int:
+    files, part, parts = job
+    buf = bytearray(16 * B.MB)
+    view, total = memoryview(buf), 0
+    for name in files:
+        size = os.path.getsize(name)
+        lo, hi = part * size // parts, (part + 1) * size // parts
+        with open(name, "rb", buffering=0) as f:
+            f.seek(lo)
+            while lo < hi and (got := f.readinto(view[: min(len(buf), hi - lo)])):
+                lo += got
+                total += got
+    return total
+
+
+def _read_once(pool: Pool | None, files: list[str], parts: int) -> float:
+    t0 = time.perf_counter()
+    if pool is None:
+        _read_part((files, 0, 1))
+    else:
+        pool.map(_read_part, [(files, k, parts) for k in range(parts)])
+    return time.perf_counter() - t0
+
+
+def _synthesize(ckpts: Path, out: Path, ranks: int | None) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    args = ["synthesize", str(ckpts), "-s", SYNTH_TARGET, "--out", str(out / "ema.safetensors"), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if ranks is None:
+        command = [str(Path(sys.executable).with_name("posthoc-ema")), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "posthoc_cli", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode:
+        raise SystemExit(result.stderr)
+    return float(json.loads(result.stdout)["seconds"])
+
+
+def bench_parallel_synthesis(model_mb: int, snapshots: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per run of each case (see the synthesis half in the docstring), interleaved."""
+    layers = max(1, model_mb * B.MB // (SYNTH_WIDTH * SYNTH_WIDTH * 4 + SYNTH_WIDTH * 4))
+    with tempfile.TemporaryDirectory(prefix="bench-dist-synth-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        root = Path(tmp)
+        ckpts = root / "ckpts"
+        t0 = time.perf_counter()
+        _synth_build(ckpts, layers, snapshots)
+        files = sorted(str(p) for p in ckpts.glob("*.safetensors"))
+        total = sum(os.path.getsize(f) for f in files)
+        print(f"{len(files)} snapshots, {total / 1e9:.2f} GB, built in {time.perf_counter() - t0:.1f} s")
+        with Pool(2) as pool:
+            cases = {
+                "read once, 1 process": lambda: _read_once(None, files, 1),
+                "read once, 2 processes": lambda: _read_once(pool, files, 2),
+                "synthesize, one process": lambda: _synthesize(ckpts, root / "o0", None),
+                "torchrun, 1 rank": lambda: _synthesize(ckpts, root / "o1", 1),
+                "torchrun, 2 ranks": lambda: _synthesize(ckpts, root / "o2", 2),
+            }
+            return B.run_interleaved(cases, repeats)
+
+
+def print_parallel_synthesis(results: dict[str, list[float]]) -> None:
+    medians = {name: sorted(v)[len(v) // 2] for name, v in results.items()}
+    for name, m in medians.items():
+        runs = ", ".join(f"{x:.3f}" for x in results[name])
+        print(f"  {name:26s} {m:7.3f} s  ({runs})")
+    speedup = medians["torchrun, 1 rank"] / medians["torchrun, 2 ranks"]
+    bound = medians["read once, 1 process"] / medians["read once, 2 processes"]
+    print(f"speed-up of 2 ranks over 1: {speedup:.2f}x (target >= 1.5x unless memory bandwidth caps it)")
+    print(f"memory bound: reading the cached inputs with 2 processes is {bound:.2f}x as fast as with 1")
+    print(f"torchrun 1 rank / one process: {medians['torchrun, 1 rank'] / medians['synthesize, one process']:.2f}x")
+
+
 def main() -> None:
     p = B.parser(__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=16, help="Linear layers of the FSDP2 model (16)")
     p.add_argument("--width", type=int, default=768, help="their width (768: 16 x 768² x 4 B = 38 MB)")
+    p.add_argument("--half", choices=("update", "synthesis", "both"), default="both", help="which half to run")
+    p.add_argument("--model-mb", type=int, default=64, help="synthesis: model size (64 MB)")
+    p.add_argument("--snapshots", type=int, default=20, help="synthesis: snapshots per sigma_rel (20)")
     args = p.parse_args()
     repeats = B.repeats_of(args)
     B.print_environment({"posthoc-ema": B.load_ours()[1]})
     layers = args.layers // 2 if args.quick else args.layers
     steps = 5 if args.quick else 10
-    print_fsdp2_update(bench_fsdp2_update(layers, args.width, steps, repeats), layers, args.width, steps, repeats)
+    if args.half != "synthesis":
+        print_fsdp2_update(bench_fsdp2_update(layers, args.width, steps, repeats), layers, args.width, steps, repeats)
+    if args.half != "update":
+        model_mb, snapshots = (8, 5) if args.quick else (args.model_mb, args.snapshots)
+        print(f"\nparallel synthesis: 2 x {snapshots} snapshots of a {model_mb} MB model, one target, medians of {repeats}")
+        print_parallel_synthesis(bench_parallel_synthesis(model_mb, snapshots, repeats))
 
 
 if __name__ == "__main__":
