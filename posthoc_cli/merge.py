@@ -28,7 +28,7 @@ import torch
 
 from .container import DTYPES, TensorEntry, output_error, read_into
 from . import mapping
-from .chunked import read_flat
+from .chunked import Files, read_flat
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
 from .profiles import Fit, check_sigma_rel, fit, sigma_rel_to_gamma
@@ -370,6 +370,7 @@ class _ChunkReader:
         self.snaps = snaps
         self._phases = [{e.name: e.begin % mapping.PAGE for e in _phase_entries(s)} for s in snaps]
         self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._files = Files()
 
     def groups(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]]:
         order = sorted(inputs, key=lambda i: self._phases[i][s.entry.name])
@@ -383,11 +384,11 @@ class _ChunkReader:
             self._buffer = torch.empty(max(need, SLICE_BYTES), dtype=torch.uint8)
         x = self._buffer[:need].view(len(inputs), s.width).view(s.entry.dtype)
         for r, i in enumerate(inputs):
-            read_flat(self.snaps[i].chunks[s.entry.name], s.entry.shape, s.start, x[r])
+            read_flat(self.snaps[i].chunks[s.entry.name], s.entry.shape, s.start, x[r], self._files)
         return x
 
     def close(self) -> None:
-        pass
+        self._files.close()
 
 
 def _phase_entries(snap: Snapshot) -> list[TensorEntry]:
