@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("--kill-after", type=int, default=0)
     parser.add_argument("--count", type=Path)
+    parser.add_argument("--late", action="store_true", help="make the Recorder before sharding the model")
     args = parser.parse_args()
 
     import torch.distributed as dist
@@ -205,9 +206,13 @@ def main() -> None:
     from posthoc_cli import Recorder
 
     model = make_model()
-    shard(model, args.layout)
+    if args.late:  # the Recorder must follow fully_shard's new parameters (issue 10's stale-tensor defect)
+        rec = Recorder(model, args.folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY)
+        shard(model, args.layout)
+    else:
+        shard(model, args.layout)
+        rec = Recorder(model, args.folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY)
     x = torch.arange(6).reshape(2, 3) % 10
-    rec = Recorder(model, args.folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY)
     for step in range(1, rec.t + 1):  # "load the training checkpoint" of time rec.t
         advance(model, step)
     in_updates = in_forward = 0
