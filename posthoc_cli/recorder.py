@@ -215,10 +215,7 @@ class Recorder:
         before = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
         chunks_before = self._plan.chunks if self._plan is not None else None
         emas, fixed_count = self._emas, len(self._fixed)
-        try:
-            self._collect_tensors(self._ema_device)
-        except ModelChangedError:
-            raise
+        self._collect_tensors(self._ema_device)
         after = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
         chunks_after = self._plan.chunks if self._plan is not None else None
         if before != after or chunks_before != chunks_after or len(self._fixed) != fixed_count:
@@ -308,18 +305,19 @@ class Recorder:
     def _clear_stale(self) -> None:
         """Remove the unfinished sets of our sigma_rels after the resume time, so their rewrite starts clean.
 
-        Only the first writer removes, between two barriers, while no rank writes (a stale
-        rank file of a larger world would otherwise make the rewritten set contradictory).
+        A sharded model's first writer removes them between two barriers (at construction,
+        while no rank writes): a stale rank file of a larger world would otherwise make the
+        rewritten set contradictory. A replicated model's writer removes them alone.
         """
-        if self._plan is None:
-            return
         ours = {set_name(s, 0).rsplit("-t", 1)[0] for s in self.sigma_rels}
-        doomed = [
-            p for p in self._stale
-            if p.name.rsplit("-t", 1)[0] in ours and p.name.rsplit("-t", 1)[-1].isdigit() and int(p.name.rsplit("-t", 1)[-1]) > self._t
-        ]
-        torch.distributed.barrier()  # every rank has scanned
-        if self._plan.index == 0:
+        doomed = []
+        for folder in self._stale:
+            prefix, _, t = folder.name.rpartition("-t")
+            if prefix in ours and t.isdigit() and int(t) > self._t:
+                doomed.append(folder)
+        if self._plan is not None:
+            torch.distributed.barrier()  # every rank has scanned
+        if (self._plan.index == 0) if self._plan is not None else (self.writes and bool(doomed)):
             for folder in doomed:
                 for path in folder.iterdir():
                     if path.name.startswith("rank-") and path.name.endswith((".safetensors", ".safetensors.tmp")):
@@ -327,7 +325,8 @@ class Recorder:
                             path.unlink()
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-        torch.distributed.barrier()  # removed before any rank writes
+        if self._plan is not None:
+            torch.distributed.barrier()  # removed before any rank writes
 
     # -- the training loop ------------------------------------------------------------------------
 
