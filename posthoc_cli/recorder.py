@@ -66,7 +66,15 @@ class Recorder:
     tensors or another snapshot dtype are refused.
 
     Under ``torch.distributed`` only rank 0 writes (``write=`` overrides); every
-    rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`.
+    rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`. A model
+    with DTensor parameters (FSDP2, tensor parallel, HSDP) is recorded shard by
+    shard: each rank averages its local shards, without communication, and writes
+    its file of a sharded snapshot folder (see :mod:`.dtensors` and :mod:`.sharding`).
+
+    The Recorder follows the model's live tensors: made before ``model.to(...)``,
+    ``to_empty``, ``load_state_dict(assign=True)`` or ``fully_shard``, it starts over
+    on the new tensors at its next call (or carries its EMAs over once it has
+    averaged), and raises :class:`ModelChangedError` when it cannot (:mod:`.live`).
 
     >>> with Recorder(model, "ckpts", sigma_rels=(0.05, 0.10), snapshot_every=1000) as rec:  # doctest: +SKIP
     ...     for step in range(rec.t, total_steps):
