@@ -166,3 +166,9 @@ def test_fully_shard_after_the_recorder_is_followed(tmp_path, reference):
     for snap in scan(folder).snapshots:
         ours = full_tensors(snap)
         assert all(torch.equal(ours[n], t) for n, t in full_tensors(ref[(snap.sigma_rel, snap.t)]).items())
+
+
+def test_update_every_and_ema_device_work_on_shards(tmp_path):
+    reference_run(tmp_path / "reference", 12, update_every=3, ema_device="cpu")
+    torchrun(2, "fsdp", tmp_path / "ckpts", 12, "--update-every", 3, "--ema-device", "cpu")
+    assert_same_snapshots(tmp_path / "ckpts", tmp_path / "reference")
