@@ -66,7 +66,15 @@ class Recorder:
     tensors or another snapshot dtype are refused.
 
     Under ``torch.distributed`` only rank 0 writes (``write=`` overrides); every
-    rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`.
+    rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`. A model
+    with DTensor parameters (FSDP2, tensor parallel, HSDP) is recorded shard by
+    shard: each rank averages its local shards, without communication, and writes
+    its file of a sharded snapshot folder (see :mod:`.dtensors` and :mod:`.sharding`).
+
+    The Recorder follows the model's live tensors: made before ``model.to(...)``,
+    ``to_empty``, ``load_state_dict(assign=True)`` or ``fully_shard``, it starts over
+    on the new tensors at its next call (or carries its EMAs over once it has
+    averaged), and raises :class:`ModelChangedError` when it cannot (:mod:`.live`).
 
     >>> with Recorder(model, "ckpts", sigma_rels=(0.05, 0.10), snapshot_every=1000) as rec:  # doctest: +SKIP
     ...     for step in range(rec.t, total_steps):
@@ -215,10 +223,7 @@ class Recorder:
         before = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
         chunks_before = self._plan.chunks if self._plan is not None else None
         emas, fixed_count = self._emas, len(self._fixed)
-        try:
-            self._collect_tensors(self._ema_device)
-        except ModelChangedError:
-            raise
+        self._collect_tensors(self._ema_device)
         after = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
         chunks_after = self._plan.chunks if self._plan is not None else None
         if before != after or chunks_before != chunks_after or len(self._fixed) != fixed_count:
@@ -308,18 +313,19 @@ class Recorder:
     def _clear_stale(self) -> None:
         """Remove the unfinished sets of our sigma_rels after the resume time, so their rewrite starts clean.
 
-        Only the first writer removes, between two barriers, while no rank writes (a stale
-        rank file of a larger world would otherwise make the rewritten set contradictory).
+        A sharded model's first writer removes them between two barriers (at construction,
+        while no rank writes): a stale rank file of a larger world would otherwise make the
+        rewritten set contradictory. A replicated model's writer removes them alone.
         """
-        if self._plan is None:
-            return
         ours = {set_name(s, 0).rsplit("-t", 1)[0] for s in self.sigma_rels}
-        doomed = [
-            p for p in self._stale
-            if p.name.rsplit("-t", 1)[0] in ours and p.name.rsplit("-t", 1)[-1].isdigit() and int(p.name.rsplit("-t", 1)[-1]) > self._t
-        ]
-        torch.distributed.barrier()  # every rank has scanned
-        if self._plan.index == 0:
+        doomed = []
+        for folder in self._stale:
+            prefix, _, t = folder.name.rpartition("-t")
+            if prefix in ours and t.isdigit() and int(t) > self._t:
+                doomed.append(folder)
+        if self._plan is not None:
+            torch.distributed.barrier()  # every rank has scanned
+        if (self._plan.index == 0) if self._plan is not None else (self.writes and bool(doomed)):
             for folder in doomed:
                 for path in folder.iterdir():
                     if path.name.startswith("rank-") and path.name.endswith((".safetensors", ".safetensors.tmp")):
@@ -327,7 +333,8 @@ class Recorder:
                             path.unlink()
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-        torch.distributed.barrier()  # removed before any rank writes
+        if self._plan is not None:
+            torch.distributed.barrier()  # removed before any rank writes
 
     # -- the training loop ------------------------------------------------------------------------
 

@@ -82,12 +82,12 @@ def advance(model: nn.Module, step: int) -> None:
         model.seen.add_(1)
 
 
-def reference_run(folder: Path, steps: int) -> None:
+def reference_run(folder: Path, steps: int, **options: object) -> None:
     """The oracle: an unsharded Recorder fed the full weights of every step (runs in one process)."""
     from posthoc_cli import Recorder
 
     model = make_model()
-    with Recorder(model, folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY) as rec:
+    with Recorder(model, folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY, **options) as rec:  # type: ignore[arg-type]
         for step in range(1, steps + 1):
             advance(model, step)
             rec.update()
@@ -180,6 +180,9 @@ def main() -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("--kill-after", type=int, default=0)
     parser.add_argument("--count", type=Path)
+    parser.add_argument("--late", action="store_true", help="make the Recorder before sharding the model")
+    parser.add_argument("--update-every", type=int, default=1)
+    parser.add_argument("--ema-device")
     args = parser.parse_args()
 
     import torch.distributed as dist
@@ -205,9 +208,14 @@ def main() -> None:
     from posthoc_cli import Recorder
 
     model = make_model()
-    shard(model, args.layout)
+    options = {"update_every": args.update_every, "ema_device": args.ema_device}
+    if args.late:  # the Recorder must follow fully_shard's new parameters (issue 10's stale-tensor defect)
+        rec = Recorder(model, args.folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY, **options)
+        shard(model, args.layout)
+    else:
+        shard(model, args.layout)
+        rec = Recorder(model, args.folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY, **options)
     x = torch.arange(6).reshape(2, 3) % 10
-    rec = Recorder(model, args.folder, sigma_rels=SIGMA_RELS, snapshot_every=SNAPSHOT_EVERY)
     for step in range(1, rec.t + 1):  # "load the training checkpoint" of time rec.t
         advance(model, step)
     in_updates = in_forward = 0

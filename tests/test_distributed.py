@@ -65,12 +65,24 @@ def test_fsdp2_on_2_ranks_records_the_unsharded_snapshots_with_zero_collectives(
     assert "head.weight" in snap.layout and "embed.weight" in snap.layout  # tied: both names, one EMA
 
 
-def test_fsdp2_on_3_ranks_uneven_and_empty_shards(tmp_path, reference):
+def test_fsdp2_on_3_ranks_uneven_and_empty_shards_read_by_torch_too(tmp_path, reference):
     torchrun(3, "fsdp", tmp_path / "ckpts", 12)
     assert_same_snapshots(tmp_path / "ckpts", reference)
     snap = scan(tmp_path / "ckpts").snapshots[-1]
     assert [c.entry.shape for c in snap.chunks["small"]] == [(1,), (1,)]  # 2 elements on 3 ranks: one rank holds none
     assert [c.entry.shape for c in snap.chunks["fc1.weight"]] == [(3, 6), (3, 6), (1, 6)]
+    assert_torch_reads(snap)
+
+
+def assert_torch_reads(snap) -> None:
+    """DCP's HuggingFaceStorageReader loads the snapshot folder into plain tensors: exactly our tensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    ours = full_tensors(snap)
+    state = {name: torch.full_like(t, 7) for name, t in ours.items()}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(snap.path)), no_dist=True)
+    assert all(torch.equal(state[n], ours[n]) for n in ours)
 
 
 def test_tensor_parallel_on_2_ranks(tmp_path, reference):
@@ -120,20 +132,6 @@ def test_a_rank_killed_while_writing_leaves_nothing_used_and_resume_recovers(tmp
     assert not scan(folder).incomplete, kill_after
 
 
-def test_torch_reads_a_snapshot_folder_with_its_own_hugging_face_reader(tmp_path, reference):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-    torchrun(3, "fsdp", tmp_path / "ckpts", 4)
-    (snap,) = [s for s in scan(tmp_path / "ckpts").snapshots if s.sigma_rel == 0.05]
-    ours = full_tensors(snap)
-    state = {name: torch.zeros_like(t) for name, t in ours.items()}
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(snap.path)), no_dist=True)
-    assert all(torch.equal(state[n], ours[n]) for n in ours)
-    ref = {(s.sigma_rel, s.t): s for s in scan(reference).snapshots}[(0.05, 4)]
-    assert all(torch.equal(state[n], t) for n, t in full_tensors(ref).items())
-
-
 def test_fsdp2_over_tensor_parallel_on_a_2x2_mesh(tmp_path, reference):
     """fully_shard over dp after parallelize_module over tp: 2-D chunks, and dp-only parameters replicated over tp written once."""
     torchrun(4, "fsdp+tp", tmp_path / "ckpts", 4)
@@ -157,3 +155,20 @@ def test_the_readme_fsdp2_script_runs_under_torchrun(tmp_path):
     assert not catalogue.broken and not catalogue.incomplete
     assert [(s.sigma_rel, s.t, len(s.files)) for s in catalogue.series[0.05]] == [(0.05, t, 2) for t in (50, 100, 150, 200)]
     assert (tmp_path / "ckpts" / "ema-s0.050-t000000000050" / "rank-00001.safetensors").is_file()
+
+
+def test_fully_shard_after_the_recorder_is_followed(tmp_path, reference):
+    """A Recorder made before fully_shard(model) starts over on the sharded parameters at its first update."""
+    torchrun(2, "fsdp", tmp_path / "ckpts", 8, "--late")
+    folder = tmp_path / "ckpts"
+    assert all(s.sharded for s in scan(folder).snapshots)
+    ref = {(s.sigma_rel, s.t): s for s in scan(reference).snapshots}
+    for snap in scan(folder).snapshots:
+        ours = full_tensors(snap)
+        assert all(torch.equal(ours[n], t) for n, t in full_tensors(ref[(snap.sigma_rel, snap.t)]).items())
+
+
+def test_update_every_and_ema_device_work_on_shards(tmp_path):
+    reference_run(tmp_path / "reference", 12, update_every=3, ema_device="cpu")
+    torchrun(2, "fsdp", tmp_path / "ckpts", 12, "--update-every", 3, "--ema-device", "cpu")
+    assert_same_snapshots(tmp_path / "ckpts", tmp_path / "reference")

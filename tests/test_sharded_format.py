@@ -306,3 +306,19 @@ def test_any_grid_tiles_reads_back_and_a_missing_or_grown_chunk_is_caught(tmp_pa
     assert torch.equal(read_region(snap.chunks["w"], *region), cut(w, region))
     fewer = [c for i, c in enumerate(snap.chunks["w"]) if i != victim]
     assert tiling_problem("w", (rows, cols), fewer) is not None or not fewer
+
+
+def test_a_resumed_recorder_removes_the_unfinished_sets_it_will_rewrite(tmp_path, tensors, record):
+    from conftest import make_tiny_model
+    from posthoc_cli import Recorder
+
+    ckpts = record(tmp_path / "ckpts", steps=100, snapshot_every=20)
+    late, early = set_folder(ckpts, 0.05, 120), set_folder(ckpts, 0.05, 60)
+    write_set(late, tensors, grid(tensors, 2), t=120, ranks=[1])
+    (early).mkdir()
+    (early / "rank-00000.safetensors.tmp").write_bytes(b"x")
+    rec = Recorder(make_tiny_model(), ckpts, snapshot_every=20)
+    assert rec.t == 100 and not late.exists()  # after the resume time: removed, to be rewritten
+    assert early.exists()  # before it: never rewritten, left listed
+    rec.close()
+    assert [s.path for s in scan(ckpts).incomplete] == [early]
