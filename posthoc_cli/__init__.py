@@ -29,8 +29,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
         CatalogueError,
         FrozenWeightsError,
         InvalidValueError,
+        ModelChangedError,
         NonFiniteError,
         OutputError,
+        ParallelError,
         PosthocError,
         ResumeError,
         SnapshotFileError,
@@ -53,7 +55,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
 # import. Each public name is imported from its module on first use (PEP 562 module __getattr__),
 # with plain import statements: no string ever chooses what is imported.
 _ERRORS = frozenset(
-    {"CatalogueError", "FrozenWeightsError", "InvalidValueError", "NonFiniteError", "OutputError", "PosthocError", "ResumeError",
+    {"CatalogueError", "FrozenWeightsError", "InvalidValueError", "ModelChangedError", "NonFiniteError", "OutputError",
+     "ParallelError", "PosthocError", "ResumeError",
      "SnapshotFileError", "WriterError"}
 )
 _PROFILES = frozenset(
@@ -90,8 +93,10 @@ __all__ = [
     "CatalogueError",
     "FrozenWeightsError",
     "InvalidValueError",
+    "ModelChangedError",
     "NonFiniteError",
     "OutputError",
+    "ParallelError",
     "PosthocError",
     "Recorder",
     "ResumeError",

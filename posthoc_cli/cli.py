@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ from rich.table import Table
 from . import __version__
 from .errors import CatalogueError, InvalidValueError, PosthocError
 from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
+from .outputs import parse_size
 from .profiles import (
     SIGMA_REL_MAX,
     SIGMA_REL_MIN,
@@ -196,6 +198,13 @@ def synthesize(
             help="Write only the averaged tensors (e.g. a LoRA adapter), not the frozen weights stored once.",
         ),
     ] = False,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size", metavar="SIZE",
+            help="Write Hugging Face shards of at most SIZE (5GB, 500MB, 20KB or bytes) into the folder --out.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Write the EMA of any length or kind, synthesized from the recorded snapshots.
@@ -207,20 +216,30 @@ def synthesize(
     frozen weights stored once are copied in, bit for bit, unless --trainable-only.
     An existing output is kept unless --force is given; a failed run leaves no output.
     """
-    with _user_errors("interrupted — no output was written"):
+    with _user_errors("interrupted — no output was written"), contextlib.ExitStack() as stack:
+        team = _join_team()  # under torchrun: the ranks split the work; rank 0 alone prints
+        if team is not None:
+            stack.callback(team.close)
         if dtype is not None:
             _check_choice("--dtype", dtype, list(FLOAT_DTYPES))
         _check_choice("--accumulate", accumulate, list(ACCUMULATE))
-        p = plan(folder, from_options(sigma_rel, beta, ema), t=step)
-        paths = output_paths(p, out)
-        started = time.perf_counter()
-        steps = synthesize_iter(
-            p, paths, dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
-            trainable_only=trainable_only,
+        if max_shard_size is not None:
+            parse_size(max_shard_size)
+        targets = from_options(sigma_rel, beta, ema)
+        options: dict[str, Any] = dict(
+            dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
+            max_shard_size=max_shard_size, trainable_only=trainable_only,
         )
+        if team is None:
+            p = plan(folder, targets, t=step)
+            paths = output_paths(p, out, max_shard_size=max_shard_size)
+        else:
+            p, paths = team.plan_outputs(folder, targets, t=step, out=out, max_shard_size=max_shard_size)
+        started = time.perf_counter()
+        steps = synthesize_iter(p, paths, **options) if team is None else team.synthesize_iter(p, paths, **options)
         total = 0
         try:
-            with _progress(enabled=sys.stderr.isatty()) as bar:
+            with _progress(enabled=sys.stderr.isatty() and (team is None or team.rank == 0)) as bar:
                 task = bar.add_task("synthesizing", total=None) if bar else None
                 for progress in steps:
                     total = progress.total
@@ -231,12 +250,35 @@ def synthesize(
             getattr(steps, "close", lambda: None)()
         seconds = time.perf_counter() - started
         warnings = _synthesis_warnings(p)
+        if team is not None and team.rank != 0:
+            return
         if as_json:
             _json(_synthesis_document(p, paths, dtype, accumulate, total, seconds, warnings))
         else:
             _print_synthesis(p, paths, total, seconds)
         for warning in warnings:
             _say(f"Warning: {warning}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _join_team() -> Any:
+    """The ranks of a parallel synthesis when started by torchrun (None otherwise). Ranks other
+    than 0 print nothing: rank 0 reports their errors too."""
+    if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None  # as parallel.launched(), without importing torch.distributed
+    from . import parallel
+
+    # torchrun stops the other ranks with SIGTERM when one fails: unwind, so temporary files are removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    team = parallel.Team.join()
+    if team.rank != 0:
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, sys.stdout.fileno())
+        os.dup2(quiet, sys.stderr.fileno())
+    return team
 
 
 @contextlib.contextmanager
@@ -269,6 +311,11 @@ def _synthesis_warnings(p: Plan) -> list[str]:
                 f"{target_name(target)}: profile error {error:.2g} — the snapshots represent this "
                 f"{'length' if target.sigma_rel is not None else 'target'} only roughly; {where}"
             )
+    if p.incomplete:
+        notes.append(
+            f"{p.incomplete} incomplete sharded snapshot(s) in {p.folder} were skipped: writes that did not finish "
+            "(see `posthoc-ema inspect`)"
+        )
     if p.skipped_files:
         notes.append(f"{p.skipped_files} file(s) in {p.folder} are not snapshots and were ignored (see `posthoc-ema inspect`)")
     return notes
@@ -407,10 +454,12 @@ def _print_inspect(report: dict[str, Any]) -> None:
         _print_contents(console, report["contents"])
     else:
         console.print(f"{escape(report['folder'])}: no posthoc-ema snapshots")
-    if report["problems"] or report["ignored"]:
+    if report["problems"] or report["ignored"] or report["incomplete"]:
         console.print("\nProblems:" if report["problems"] else "\nNotes:")
         for line in report["problems"]:
             console.print(f"  - {escape(line)}")
+        for skipped in report["incomplete"]:
+            console.print(f"  - incomplete sharded snapshot {escape(skipped['path'])}: {escape(skipped['reason'])} (never used)")
         for skipped in report["ignored"]:
             console.print(f"  - skipped {escape(skipped['path'])}: {escape(skipped['reason'])}")
         if report["broken"]:

@@ -369,6 +369,7 @@ class AtomicWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % _ALIGN)
         self._started = self._position = 8 + len(text)  # file offsets: write-back started up to _started
+        self._data_start = self._position
         self._owned = False  # whether self.tmp is ours to remove
         try:
             self._file = _claim(self.tmp, self.path)
@@ -402,6 +403,27 @@ class AtomicWriter:
         except OSError as e:
             self.abort()
             raise output_error(self.path, e) from e
+
+    @property
+    def data_start(self) -> int:
+        """The file offset where tensor data starts (after the page-aligned header)."""
+        return self._data_start
+
+    def reserve(self) -> int:
+        """Give the temp file its full size, for other processes to fill with positioned writes.
+
+        Parallel synthesis (``parallel.py``) has every rank write its own byte range of
+        the temp file; :meth:`commit` then takes the data as written. Returns
+        :attr:`data_start`.
+        """
+        try:
+            self._file.flush()
+            os.ftruncate(self._file.fileno(), self.data_start + self._expected)
+        except OSError as e:
+            self.abort()
+            raise output_error(self.path, e) from e
+        self._written = self._expected
+        return self.data_start
 
     def _start_write_back(self) -> None:
         # Without a hint the kernel holds dirty pages for up to 30 s, and commit()'s fsync then

@@ -58,3 +58,15 @@ class WriterError(PosthocError):
 
 class FrozenWeightsError(PosthocError):
     """Frozen weights stored once per folder are missing, or the model no longer holds them."""
+
+
+class ParallelError(PosthocError):
+    """Another rank of a parallel synthesis failed (its message), or stopped without a word."""
+
+    def __init__(self, what: str, fix: str | None = None, *, exit_code: int = 1) -> None:
+        super().__init__(what, fix)
+        self.exit_code = exit_code
+
+
+class ModelChangedError(PosthocError):
+    """The model's tensors were replaced in a way the Recorder cannot follow (e.g. resharded after averaging began)."""

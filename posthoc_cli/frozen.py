@@ -339,6 +339,10 @@ class FrozenWeights:
             )
         self.file, self._in_use = file, file is not None
 
+    def carry_over(self, old: FrozenWeights) -> None:
+        """Continue ``old``'s file after the model's tensors were replaced: checked again at the next snapshot."""
+        self.file, self._in_use = old.file, old._in_use or old.file is not None
+
     def before_snapshot(self, *, write: bool) -> str | None:
         """Check the stored-once tensors; on the first call write (or verify) the file. Returns its id."""
         if not self.tensors:

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from . import dtypes
-from .container import AtomicWriter, TensorEntry, output_error, read_into
+from .container import TensorEntry, output_error, read_into
 from . import mapping
+from .chunked import Files, read_flat
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .frozen import FrozenRef, copy_frozen, frozen_ref, tag
+from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
 from .profiles import Fit, sigma_rel_to_gamma
 from .quality import NOISE_BOUND, unit_roundoff
 from .targets import Power, Target, check_initial, closest_power, fit_targets, parse_targets, target_name
@@ -59,6 +61,7 @@ class Plan:
     fixed_from: Snapshot  # the latest input: integer buffers are copied from it
     skipped_files: int  # files in the folder that are not snapshots
     frozen: FrozenRef | None = None  # the frozen weights stored once that complete the inputs' state dict
+    incomplete: int = 0  # sharded snapshots a crash left unfinished: never used
 
     @property
     def sigma_rels(self) -> tuple[float | None, ...]:
@@ -67,8 +70,16 @@ class Plan:
 
     @property
     def entries(self) -> list[TensorEntry]:
-        """The tensors of the output, in file order."""
-        return sorted(self.fixed_from.tensors.values(), key=lambda e: e.begin)
+        """The tensors of the output, in file order (global shapes; for a sharded set, offsets
+        as in the single file our writer would make, so that inputs are grouped alike)."""
+        if not self.fixed_from.sharded:
+            return sorted(self.fixed_from.tensors.values(), key=lambda e: e.begin)
+        return _virtual_entries(self.fixed_from)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether some input is a sharded set: then every input is read chunk by chunk."""
+        return any(s.sharded for s in [*self.inputs, self.fixed_from])
 
     @property
     def input_dtype(self) -> str:
@@ -142,7 +153,18 @@ def plan(
         fixed_from=usable[-1],
         skipped_files=len(catalogue.ignored),
         frozen=frozen_ref(usable, catalogue),
+        incomplete=len(catalogue.incomplete),
     )
+
+
+def _virtual_entries(snap: Snapshot) -> list[TensorEntry]:
+    """Tensor entries of a snapshot's global layout, placed one after another from offset 0."""
+    entries, offset = [], 0
+    for name, (code, shape) in snap.layout.items():
+        nbytes = math.prod(shape) * dtypes.SAFETENSORS_DTYPES[code].itemsize
+        entries.append(TensorEntry(name, code, shape, offset, offset + nbytes))
+        offset += nbytes
+    return entries
 
 
 @dataclass(frozen=True)
@@ -249,13 +271,36 @@ class _Slice:
         return self.count * self.entry.dtype.itemsize
 
 
-def _slices(entries: list[TensorEntry], n_inputs: int, n_targets: int) -> Iterator[_Slice]:
+def part_ranges(entries: list[TensorEntry], part: tuple[int, int] | None) -> Iterator[tuple[TensorEntry, int, int]]:
+    """``(entry, first element, end element)`` of the tensors within a byte range of the model.
+
+    ``part`` counts bytes of one input, tensors one after another in file order; its
+    ends are rounded up to whole elements, so parts that tile the model give ranges
+    that tile every tensor (an empty tensor goes to the part holding its position).
+    """
+    base = 0
     for entry in entries:
+        if part is None:
+            yield entry, 0, entry.numel
+        else:
+            lo, hi = part
+            size = entry.dtype.itemsize
+            start = min(max(-(-(lo - base) // size), 0), entry.numel)
+            stop = min(max(-(-(hi - base) // size), 0), entry.numel)
+            if stop > start or (entry.numel == 0 and lo <= base < hi):
+                yield entry, start, stop
+        base += entry.nbytes
+
+
+def _slices(
+    entries: list[TensorEntry], n_inputs: int, n_targets: int, part: tuple[int, int] | None = None
+) -> Iterator[_Slice]:
+    for entry, first, end in part_ranges(entries, part):
         averaged = entry.dtype.is_floating_point
         rows = max(n_inputs, n_targets) if averaged else 1  # bounds the inputs' rows and the products alike
         step = max(1, SLICE_BYTES // (rows * entry.dtype.itemsize))
-        for start in range(0, entry.numel, step):
-            yield _Slice(entry, start, min(step, entry.numel - start), averaged)
+        for start in range(first, end, step):
+            yield _Slice(entry, start, min(step, end - start), averaged)
         if entry.numel == 0:
             yield _Slice(entry, 0, 0, averaged)
 
@@ -337,6 +382,43 @@ class _Reader:
             self._rows.close()
 
 
+class _ChunkReader:
+    """The inputs' rows of one slice, gathered from their chunks (some input is a sharded set).
+
+    Rows are grouped as :meth:`_Reader._parts` groups them, by where the tensor
+    would start within a page in the single file our writer makes of the same
+    layout, so a sharded recording sums in the same order as single files.
+    """
+
+    def __init__(self, snaps: list[Snapshot]) -> None:
+        self.snaps = snaps
+        self._phases = [{e.name: e.begin % mapping.PAGE for e in _phase_entries(s)} for s in snaps]
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._files = Files()
+
+    def groups(self, s: _Slice, inputs: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+        order = sorted(inputs, key=lambda i: self._phases[i][s.entry.name])
+        parts = [list(run) for _, run in itertools.groupby(order, key=lambda i: self._phases[i][s.entry.name])]
+        x = self.read(s, [i for members in parts for i in members])
+        return [(members, rows) for members, rows in zip(parts, x.split([len(m) for m in parts]))]
+
+    def read(self, s: _Slice, inputs: list[int]) -> torch.Tensor:
+        need = len(inputs) * s.width
+        if self._buffer.numel() < need:
+            self._buffer = torch.empty(max(need, SLICE_BYTES), dtype=torch.uint8)
+        x = self._buffer[:need].view(len(inputs), s.width).view(s.entry.dtype)
+        for r, i in enumerate(inputs):
+            read_flat(self.snaps[i].chunks[s.entry.name], s.entry.shape, s.start, x[r], self._files)
+        return x
+
+    def close(self) -> None:
+        self._files.close()
+
+
+def _phase_entries(snap: Snapshot) -> list[TensorEntry]:
+    return _virtual_entries(snap) if snap.sharded else list(snap.tensors.values())
+
+
 class _Writer:
     """Hands finished slices to one background thread that writes them to every sink.
 
@@ -396,8 +478,13 @@ def stream(
     accumulate: str = "float32",
     allow_nonfinite: bool = False,
     trainable_only: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[Progress]:
-    """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress."""
+    """Write ``Σ w_i x_i`` of every target into its sink, tensor by tensor, yielding progress.
+
+    ``part`` (bytes of the model, see :func:`part_ranges`) limits the work to one
+    range of the tensors, for parallel synthesis: the sinks get that range only.
+    """
     import torch
 
     out_dtype = dtypes.torch_dtype(FLOAT_DTYPES[dtype or p.input_dtype])
@@ -410,21 +497,26 @@ def stream(
     latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
     everything, fixed = list(range(n)), [latest if latest is not None else n]
 
-    total = sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in entries)
+    slices = list(_slices(entries, n, m, part))
+    total = sum(s.width * (n if s.averaged else 1) for s in slices)
     done = 0
-    slices = list(_slices(entries, n, m))
     rows = len(w_t)
     capacity = max((s.count * (rows * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
     # Three threads: one maps (or reads) slice k+1 while this one multiplies slice k and a third writes
     # slice k-1. The products run on this thread alone: a thread team for them would only contend for
     # the cores (measured ~50x slower under load).
     with contextlib.ExitStack() as cleanup:  # undone in reverse order, on success and on any error
-        files = _Inputs(p.inputs if latest is not None else [*p.inputs, p.fixed_from])
-        cleanup.callback(files.close)
+        snaps = p.inputs if latest is not None else [*p.inputs, p.fixed_from]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         cleanup.callback(torch.set_num_threads, threads)
-        readers = [_Reader(files, slices, n), _Reader(files, slices, n)]  # slice k uses readers[k % 2]
+        readers: list[_Reader] | list[_ChunkReader]
+        if p.chunked:
+            readers = [_ChunkReader(snaps), _ChunkReader(snaps)]
+        else:
+            files = _Inputs(snaps)
+            cleanup.callback(files.close)
+            readers = [_Reader(files, slices, n), _Reader(files, slices, n)]  # slice k uses readers[k % 2]
         for reader in readers:
             cleanup.callback(reader.close)
         writer = _Writer(sinks, capacity)
@@ -459,10 +551,10 @@ def stream(
 
 def _output_entries(p: Plan, trainable_only: bool) -> list[TensorEntry]:
     """The snapshot tensors an output holds: all, or the averaged (floating-point) ones alone."""
-    return [e for e in p.entries if e.dtype.is_floating_point] if trainable_only else p.entries
+    return [e for e in p.entries if e.is_floating_point] if trainable_only else p.entries
 
 
-def _frozen_part(p: Plan, trainable_only: bool) -> list[TensorEntry]:
+def frozen_part(p: Plan, trainable_only: bool) -> list[TensorEntry]:
     """The stored-once tensors a complete output copies in (after the snapshot tensors), in file order."""
     if trainable_only or p.frozen is None:
         return []
@@ -507,7 +599,7 @@ def _all_finite(y: torch.Tensor) -> bool:
     return math.isfinite(float(y.sum())) or bool(torch.isfinite(y).all())
 
 
-def _nonfinite(p: Plan, s: _Slice, reader: _Reader, out_dtype: torch.dtype) -> NonFiniteError:
+def _nonfinite(p: Plan, s: _Slice, reader: _Reader | _ChunkReader, out_dtype: torch.dtype) -> NonFiniteError:
     import torch
 
     bad = [snap.path for i, snap in enumerate(p.inputs) if not bool(torch.isfinite(reader.read(s, [i])).all())]
@@ -523,7 +615,7 @@ def _nonfinite(p: Plan, s: _Slice, reader: _Reader, out_dtype: torch.dtype) -> N
     )
 
 
-def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str]:
+def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str, created: str) -> dict[str, str]:
     target = p.targets[j]
     # sigma_rel/gamma: the target's own for a power target; for any other, those of the power EMA
     # closest to it in profile (so every reader sees a valid record); `target` says what it is.
@@ -541,7 +633,7 @@ def _metadata(p: Plan, j: int, out_dtype: str, accumulate: str) -> dict[str, str
             "updates": 0,
             "dtype": out_dtype,
             "library": library_info(),
-            "created": utc_now(),
+            "created": created,
             "inputs": [{"file": s.path.name, "sigma_rel": s.sigma_rel, "t": s.t} for s in p.inputs],
             "weights": [float(w) for w in p.fit.weights[:, j]],
             "profile_error": float(p.fit.profile_error[j]),
@@ -559,12 +651,26 @@ def output_name(target: Target, t: int) -> str:
     return f"ema-{target.label()}-t{t}{SUFFIX}"
 
 
-def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
+def output_paths(
+    p: Plan, out: str | os.PathLike[str] | None, *, max_shard_size: int | str | None = None
+) -> list[Path]:
     """One target: ``out`` is the file, unless it is a folder or ends with a slash. Several: ``out``
-    is a folder. Default: the current folder."""
+    is a folder. Default: the current folder.
+
+    With ``max_shard_size`` every output is a Hugging Face folder: ``out`` itself for
+    one target, else a subfolder of ``out`` (default: the current folder) per target.
+    """
     names = [output_name(target, p.t) for target in p.targets]
     if len(names) != len(set(names)):
         raise InvalidValueError("the same target is asked for twice", "give each --sigma-rel, --beta or --ema once")
+    if max_shard_size is not None:
+        parse_size(max_shard_size)
+        if len(names) == 1 and out is not None:
+            return [Path(out)]
+        folder = Path(out) if out is not None else Path.cwd()
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
+        return [folder / name.removesuffix(SUFFIX) for name in names]
     folder_named = out is not None and str(out).endswith(("/", os.sep))  # Path() would drop the slash
     if len(p.targets) == 1 and out is not None and not Path(out).is_dir() and not folder_named:
         return [Path(out)]
@@ -576,19 +682,23 @@ def output_paths(p: Plan, out: str | os.PathLike[str] | None) -> list[Path]:
     return [folder / name for name in names]
 
 
-def _check_outputs(p: Plan, paths: list[Path], force: bool) -> None:
+def check_outputs(p: Plan, paths: list[Path], force: bool, *, folders: bool = False) -> None:
+    """Refuse outputs that are inputs, or exist (without ``force``), before any work starts."""
     inputs = {s.path.resolve() for s in [*p.inputs, p.fixed_from]}
     inputs |= {p.frozen.file.path.resolve()} if p.frozen is not None and p.frozen.file is not None else set()
     for path in paths:
-        if path.resolve() in inputs:
+        if path.resolve() in inputs or (folders and any(path.resolve() in i.parents for i in inputs)):
             raise OutputError(f"{path} is one of the input snapshots", "write the output somewhere else")
+        if folders:
+            check_folder(path, force)
+            continue
         if path.is_dir():
             raise OutputError(f"{path} is a folder", "pass a file path to --out, or remove that folder")
         if path.exists() and not force:
             raise OutputError(f"{path} already exists", "use --force to overwrite it, or choose another --out")
 
 
-def _make_folders(folder: Path) -> list[Path]:
+def make_folders(folder: Path) -> list[Path]:
     """Create ``folder`` and missing parents; return those created, deepest first, for clean-up."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
@@ -607,6 +717,32 @@ def _make_folders(folder: Path) -> list[Path]:
     return missing
 
 
+def outputs_for(
+    p: Plan,
+    paths: list[Path],
+    *,
+    dtype: str | None = None,
+    accumulate: str = "float32",
+    max_shard_size: int | str | None = None,
+    created: str | None = None,
+    trainable_only: bool = False,
+) -> list[Output]:
+    """What each target's output holds: tensors (the frozen ones stored once last, unless
+    ``trainable_only``), header metadata, and shards when ``max_shard_size``."""
+    out_name = dtype or p.input_dtype
+    layout = [
+        (e.name, FLOAT_DTYPES[out_name] if e.is_floating_point else e.code, e.shape)
+        for e in _output_entries(p, trainable_only)
+    ] + [(e.name, e.code, e.shape) for e in frozen_part(p, trainable_only)]
+    created = created or utc_now()
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    outputs = []
+    for j, path in enumerate(paths):
+        metadata = tag(_metadata(p, j, out_name, accumulate, created), "trainable" if trainable_only else None, "contents")
+        outputs.append(single_file(path, layout, metadata) if limit is None else hf_folder(path, layout, metadata, limit))
+    return outputs
+
+
 def synthesize_iter(
     p: Plan,
     paths: list[Path],
@@ -616,29 +752,27 @@ def synthesize_iter(
     force: bool = False,
     allow_nonfinite: bool = False,
     trainable_only: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> Generator[Progress, None, None]:
-    """Stream every target of ``p`` into its file in one pass over the inputs, yielding progress.
+    """Stream every target of ``p`` into its file (or sharded folder) in one pass over the inputs, yielding progress.
 
-    Files appear only when complete; on any error (or if the iteration is
+    Outputs appear only when complete; on any error (or if the iteration is
     abandoned) no output file, and no folder made for one, is left behind.
     Frozen weights stored once are copied in, bit for bit and in their own dtype,
     unless ``trainable_only`` (then only the averaged tensors are written).
     """
-    _check_outputs(p, paths, force)
-    out_name = dtype or p.input_dtype
-    frozen = _frozen_part(p, trainable_only)
-    layout = [
-        (e.name, FLOAT_DTYPES[out_name] if e.dtype.is_floating_point else e.code, e.shape)
-        for e in _output_entries(p, trainable_only)
-    ] + [(e.name, e.code, e.shape) for e in frozen]
-    writers: list[AtomicWriter] = []
+    check_outputs(p, paths, force, folders=max_shard_size is not None)
+    outputs = outputs_for(
+        p, paths, dtype=dtype, accumulate=accumulate, max_shard_size=max_shard_size, trainable_only=trainable_only
+    )
+    frozen = frozen_part(p, trainable_only)
+    writers: list[OutputWriter] = []
     created: list[Path] = []
     done = False
     try:
-        for j, path in enumerate(paths):
-            created += _make_folders(path.parent)
-            metadata = tag(_metadata(p, j, out_name, accumulate), "trainable" if trainable_only else None, "contents")
-            writers.append(AtomicWriter(path, layout, metadata, overwrite=force))
+        for output in outputs:
+            created += make_folders(output.path.parent)
+            writers.append(OutputWriter(output, force=force))
         extra = sum(e.nbytes for e in frozen)
         last = Progress(0, 0, "")
         for last in stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite, trainable_only=trainable_only):
@@ -654,11 +788,15 @@ def synthesize_iter(
         done = True
     finally:
         for writer in writers:
-            writer.abort()  # no-op for committed files; removes the temp file otherwise
+            writer.abort()  # no-op for committed outputs; removes the temp files otherwise
         if not done:
-            for folder in created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            remove_folders(created)
+
+
+def remove_folders(created: list[Path]) -> None:
+    for folder in created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _check_dtype(dtype: str | None, accumulate: str) -> None:
@@ -679,6 +817,7 @@ def synthesize(
     force: bool = False,
     allow_nonfinite: bool = False,
     trainable_only: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> list[Path]:
     """Synthesize the EMA of each target at time ``t`` and write it as a safetensors file.
 
@@ -688,19 +827,26 @@ def synthesize(
     ``ema-s<sigma_rel>-t<t>.safetensors``, or ``ema-<spec>-t<t>.safetensors``). The
     files are complete state dicts (frozen weights stored once copied in);
     ``trainable_only=True`` writes only the averaged tensors (e.g. a LoRA adapter),
-    under the model's names.
+    under the model's names. With ``max_shard_size`` (``"5GB"``, ``"500MB"`` or
+    bytes) each output is a Hugging Face folder of shards plus
+    ``model.safetensors.index.json``: ``out`` itself for one target, one subfolder
+    (named like the file, without its suffix) each for several.
 
     >>> synthesize("ckpts", 0.15, out="ema-0.15.safetensors")  # doctest: +SKIP
     [PosixPath('ema-0.15.safetensors')]
+    >>> synthesize("ckpts", 0.15, out="ema-0.15", max_shard_size="5GB")  # doctest: +SKIP
+    [PosixPath('ema-0.15')]
     """
     targets = parse_targets(sigma_rels)
     name = _dtype_name(dtype)
     _check_dtype(name, accumulate)
     p = plan(ckpt_dir, targets, t=t)
-    paths = output_paths(p, out)
-    for _ in synthesize_iter(
-        p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite, trainable_only=trainable_only
-    ):
+    paths = output_paths(p, out, max_shard_size=max_shard_size)
+    steps = synthesize_iter(
+        p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
+        trainable_only=trainable_only, max_shard_size=max_shard_size,
+    )
+    for _ in steps:
         pass
     return paths
 
@@ -726,7 +872,7 @@ def load_synthesized(
     _check_dtype(name, accumulate)
     p = plan(ckpt_dir, [sigma_rel], t=t)
     out = FLOAT_DTYPES[name or p.input_dtype]
-    frozen = _frozen_part(p, trainable_only)
+    frozen = frozen_part(p, trainable_only)
     entries = _output_entries(p, trainable_only)
     sink = _MemorySink([(e.name, out if e.dtype.is_floating_point else e.code, e.shape) for e in [*entries, *frozen]])
     for _ in stream(p, [sink], dtype=name, accumulate=accumulate, trainable_only=trainable_only):

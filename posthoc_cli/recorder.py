@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .container import load_tensors
-from .errors import InvalidValueError, OutputError, ResumeError
+from . import dtensors
+from .errors import InvalidValueError, ModelChangedError, OutputError, ResumeError
 from .frozen import FrozenWeights, tag
+from .live import Watch
 from .profiles import check_sigma_rel, sigma_rel_to_gamma, update_beta
 from .rewind import set_aside_after
-from .snapshots import STORAGE_NAMES, Catalogue, scan, snapshot_metadata, snapshot_name
 from .selection import AVERAGED, STORED_ONCE, Filter, select
+from .sharding import ShardRecord, rank_file_name, read_region
+from .snapshots import STORAGE_NAMES, Catalogue, Snapshot, scan, set_name, snapshot_metadata, snapshot_name
 from .writer import SnapshotWriter, Job
 
 # Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
@@ -69,7 +71,15 @@ class Recorder:
     tensors or another snapshot dtype are refused.
 
     Under ``torch.distributed`` only rank 0 writes (``write=`` overrides); every
-    rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`.
+    rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`. A model
+    with DTensor parameters (FSDP2, tensor parallel, HSDP) is recorded shard by
+    shard: each rank averages its local shards, without communication, and writes
+    its file of a sharded snapshot folder (see :mod:`.dtensors` and :mod:`.sharding`).
+
+    The Recorder follows the model's live tensors: made before ``model.to(...)``,
+    ``to_empty``, ``load_state_dict(assign=True)`` or ``fully_shard``, it starts over
+    on the new tensors at its next call (or carries its EMAs over once it has
+    averaged), and raises :class:`ModelChangedError` when it cannot (:mod:`.live`).
 
     What is averaged (:mod:`.selection`): the parameters that require grad now,
     and floating-point buffers. Frozen parameters are stored once per folder
@@ -127,46 +137,72 @@ class Recorder:
             raise InvalidValueError(f"max_pending={max_pending!r} is not a positive integer", "pass e.g. max_pending=1")
         # One staging set per file in flight: max_pending snapshot times of every EMA.
         self._writer = SnapshotWriter(background=async_write, max_pending=max_pending * len(sigma_rels))
+        self._ema_device = ema_device
         self._filter = Filter.make(average_frozen=average_frozen, include=include, exclude=exclude)
-        self._collect_tensors(ema_device)
-        self._t = 0  # time of the latest update() call
-        self._t_ema = [0] * len(sigma_rels)  # time of each EMA's latest update
-        self._updates = [0] * len(sigma_rels)
-        # (ema index, t) → the job writing it (None: on disk before we started); a failed job is retried.
-        self._written: dict[tuple[int, int], Job | None] = {}
+        self._write_option = write
         self._staging: list[Job] = []  # snapshots whose EMA copies may still be in progress
-        # Under torch.distributed every rank tracks the EMAs (so each can evaluate with them), rank 0 writes.
-        self.writes = write if write is not None else _rank() == 0
         try:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create snapshot folder {self.ckpt_dir} ({e.strerror})", "pass another ckpt_dir") from e
-        self._resume(scan(self.ckpt_dir))
+        self._start(initial=True)
         # A script that never calls close() still gets its queued snapshots written at exit.
         weakref.finalize(self, SnapshotWriter.close, self._writer)
 
     # -- set-up -----------------------------------------------------------------------------------
 
+    def _start(self, initial: bool = False) -> None:
+        """Bind the model's tensors, make the EMAs, and continue the folder's snapshots (again after a rebind)."""
+        self._collect_tensors(self._ema_device)
+        self._t = 0  # time of the latest update() call
+        self._t_ema = [0] * len(self.sigma_rels)  # time of each EMA's latest update
+        self._updates = [0] * len(self.sigma_rels)
+        # (ema index, t) → the job writing it (None: on disk before we started); a failed job is retried.
+        self._written: dict[tuple[int, int], Job | None] = {}
+        if self._plan is not None:
+            if self._write_option is not None:
+                raise InvalidValueError(
+                    "write= cannot be chosen for a sharded (DTensor) model: every rank holding a shard writes its file",
+                    "leave write unset",
+                )
+            self.writes = self._plan.index is not None
+        else:  # every rank tracks the EMAs (so each can evaluate with them), rank 0 writes.
+            self.writes = self._write_option if self._write_option is not None else _rank() == 0
+        self._resume(scan(self.ckpt_dir))
+        if initial:
+            self._clear_stale()
+        self._bound_updates = list(self._updates)  # what a rebind before the next update may start over from
+
     def _collect_tensors(self, ema_device: torch.device | str | None) -> None:
         """Build, once, the flat lists that every update works on."""
         state = self.model.state_dict(keep_vars=True)
-        self.names = [strip_wrappers(n) for n in state]
-        if len(set(self.names)) != len(self.names):
+        dtensors.refuse_unsupported(self.model, state)
+        names = [strip_wrappers(n) for n in state]
+        if len(set(names)) != len(names):
             raise InvalidValueError("tensor names collide after removing wrapper prefixes", "record the unwrapped model")
+        sharded = any(dtensors.is_dtensor(t) for t in state.values())
+        self._watch = Watch.of(self.model, list(state), sharded=sharded)  # frozen tensors too: they are stored
         # What is averaged (selection.py); the rest is stored once per folder (frozen.py), not in every snapshot.
-        named = dict(zip(self.names, state.values()))
+        named = dict(zip(names, state.values()))
         self.roles = select(named, self._filter)
-        self._frozen = FrozenWeights(
-            self.ckpt_dir, {n: t for n, t in named.items() if self.roles[n] == STORED_ONCE}, self.names, self._filter.as_json()
-        )
-        state = {k: t for (k, t), n in zip(state.items(), self.names) if self.roles[n] != STORED_ONCE}
-        self.names = [n for n in self.names if self.roles[n] != STORED_ONCE]
-        self._sources: list[torch.Tensor] = []  # unique floating-point tensors of the model
+        once = {n: t for n, t in named.items() if self.roles[n] == STORED_ONCE}
+        if once and sharded:
+            raise InvalidValueError(
+                f"{len(once)} frozen tensors of a sharded (DTensor) model would be stored once, which sharded recording "
+                "does not support yet",
+                "pass average_frozen=True to average them with the rest",
+            )
+        self._frozen = FrozenWeights(self.ckpt_dir, once, names, self._filter.as_json())
+        state = {k: t for (k, t), n in zip(state.items(), names) if self.roles[n] != STORED_ONCE}
+        self.names = [n for n in names if self.roles[n] != STORED_ONCE]
+        self._plan = dtensors.shard_plan(state)
+        self._specs = [dtensors.spec(t) for t in state.values()]  # per name: how to rebuild a DTensor (or None)
+        self._sources: list[torch.Tensor] = []  # unique floating-point tensors of the model (local shards)
         index: dict[object, int] = {}  # storage key → position in _sources; tied weights share one EMA
         self._slots: list[tuple[bool, int]] = []  # per name: (averaged?, index into _sources or _fixed)
         self._fixed: list[torch.Tensor] = []  # integer/bool buffers, stored as they are
         for original in state.values():
-            tensor = original.detach()
+            tensor = dtensors.local(original)
             if tensor.is_floating_point():
                 key = _storage_key(tensor) if tensor.numel() else id(original)
                 if key not in index:
@@ -178,6 +214,11 @@ class Recorder:
                 self._fixed.append(tensor)
         if not self._sources:
             raise InvalidValueError("the model has no floating-point parameters or buffers to average", "pass the model you train")
+        self._bind_inputs(ema_device)
+        with torch.no_grad():
+            self._emas = [[x.to(torch.float32, copy=True) for x in self._current_inputs()] for _ in self.sigma_rels]
+
+    def _bind_inputs(self, ema_device: torch.device | str | None) -> None:
         device = torch.device(ema_device) if ema_device is not None else None
         # The float32 view of each source that the lerp reads: the source itself when it already is
         # float32 on the EMA's device, otherwise a scratch buffer refreshed once per update for all EMAs.
@@ -195,8 +236,42 @@ class Recorder:
             self._convert_src.append(src)
             self._convert_dst.append(scratch)
         self._wait_for_host_copy = any(d.is_pinned() for d in self._convert_dst)
+
+    def _follow_model(self) -> None:
+        """Rebind when the model's tensors were replaced (moved, cast, loaded with assign=True, sharded).
+
+        Before the first update since the Recorder was made (or resumed) it simply starts
+        over on the live tensors. Later, EMAs follow a move or cast of the same tensors
+        (they stay float32, on the new device unless ``ema_device`` is set); any other
+        change is refused, since the averages so far belong to other tensors.
+        """
+        if not self._watch.replaced():
+            return
+        self.flush()  # pending snapshots hold the old staging buffers and slots
+        if self._updates == self._bound_updates:
+            self._start()  # (FSDP2 re-pads its local shards at the first forward: this is the usual path)
+            return
+        before = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
+        chunks_before = self._plan.chunks if self._plan is not None else None
+        emas, fixed_count, frozen = self._emas, len(self._fixed), self._frozen
+        self._collect_tensors(self._ema_device)
+        self._frozen.carry_over(frozen)
+        after = [(n, tuple(t.shape), a) for n, t, (a, _) in zip(self.names, self._sources_by_name(), self._slots)]
+        chunks_after = self._plan.chunks if self._plan is not None else None
+        if before != after or chunks_before != chunks_after or len(self._fixed) != fixed_count:
+            raise ModelChangedError(
+                f"the model's tensors were replaced by tensors of another layout or sharding after the Recorder "
+                f"had averaged {max(self._updates)} updates (e.g. fully_shard or load_state_dict(assign=True) with other shapes; "
+                "FSDP2 also leaves the root's parameters unsharded after a forward pass without backward)",
+                "create the Recorder after the model is moved, sharded and loaded (it resumes from its folder); "
+                "with FSDP2 call model.reshard() before update() after a forward pass without backward",
+            )
         with torch.no_grad():
-            self._emas = [[x.to(torch.float32, copy=True) for x in self._current_inputs()] for _ in self.sigma_rels]
+            self._emas = [[old.to(new.device) for old, new in zip(ema, self._emas[0])] for ema in emas]
+        self._bound_updates = [-1] * len(self.sigma_rels)  # EMAs carried over: never start over now
+
+    def _sources_by_name(self) -> list[torch.Tensor]:
+        return [self._sources[i] if averaged else self._fixed[i] for averaged, i in self._slots]
 
     def _current_inputs(self) -> list[torch.Tensor]:
         """The current float32 values of the sources, on the EMA device."""
@@ -208,6 +283,7 @@ class Recorder:
 
     def _resume(self, catalogue: Catalogue) -> None:
         """Continue the snapshots already in the folder, or refuse with what differs."""
+        self._stale = [skipped.path for skipped in catalogue.incomplete]  # unfinished sets: rewritten, never read
         if not catalogue.series and not catalogue.broken:
             return
         catalogue.raise_if_broken()
@@ -238,26 +314,61 @@ class Recorder:
                     f"{latest.path} counts time in {latest.time_unit!r}, not {self.time_unit!r}",
                     f"pass time_unit={latest.time_unit!r}, or use a new folder",
                 )
-            stored = {n: (e.shape) for n, e in latest.tensors.items()}
-            ours = {n: tuple(t.shape) for n, t in zip(self.names, self._tensors_by_name())}
-            if stored != ours:
-                diff = sorted(set(stored.items()) ^ set(ours.items()))[:3]
-                raise ResumeError(
-                    f"{latest.path} was recorded from another model (tensors differ: {diff})",
-                    "record this model in a new folder",
-                )
-            tensors = load_tensors(latest.header)
-            with torch.no_grad():
-                for (averaged, i), name in zip(self._slots, self.names):
-                    if averaged:
-                        self._emas[k][i].copy_(tensors[name])
+            self._load(k, latest)
             self._t_ema[k] = latest.t
             self._updates[k] = latest.updates
             self._written.update(((k, s.t), None) for s in catalogue.series[sigma_rel])
         self._t = min(self._t_ema)
 
-    def _tensors_by_name(self) -> list[torch.Tensor]:
-        return [self._sources[i] if averaged else self._fixed[i] for averaged, i in self._slots]
+    def _load(self, k: int, snap: Snapshot) -> None:
+        """EMA ``k`` from a snapshot: each rank reads its own chunk of each tensor (any stored chunking)."""
+        stored = {n: shape for n, (_, shape) in snap.layout.items()}
+        ours = dict(zip(self.names, self._global_shapes()))
+        if stored != ours:
+            diff = sorted(set(stored.items()) ^ set(ours.items()))[:3]
+            raise ResumeError(
+                f"{snap.path} was recorded from another model (tensors differ: {diff})",
+                "record this model in a new folder",
+            )
+        boxes = self._plan.chunks if self._plan is not None else None
+        with torch.no_grad():
+            for j, ((averaged, i), name) in enumerate(zip(self._slots, self.names)):
+                if not averaged:
+                    continue
+                ema = self._emas[k][i]
+                offsets = boxes[j].offsets if boxes is not None else (0,) * ema.dim()
+                ema.copy_(read_region(snap.chunks[name], offsets, tuple(ema.shape)))
+
+    def _global_shapes(self) -> list[tuple[int, ...]]:
+        if self._plan is not None:
+            return [c.shape for c in self._plan.chunks]
+        return [tuple(t.shape) for t in self._sources_by_name()]
+
+    def _clear_stale(self) -> None:
+        """Remove the unfinished sets of our sigma_rels after the resume time, so their rewrite starts clean.
+
+        A sharded model's first writer removes them between two barriers (at construction,
+        while no rank writes): a stale rank file of a larger world would otherwise make the
+        rewritten set contradictory. A replicated model's writer removes them alone.
+        """
+        ours = {set_name(s, 0).rsplit("-t", 1)[0] for s in self.sigma_rels}
+        doomed = []
+        for folder in self._stale:
+            prefix, _, t = folder.name.rpartition("-t")
+            if prefix in ours and t.isdigit() and int(t) > self._t:
+                doomed.append(folder)
+        if self._plan is not None:
+            torch.distributed.barrier()  # every rank has scanned
+        if (self._plan.index == 0) if self._plan is not None else (self.writes and bool(doomed)):
+            for folder in doomed:
+                for path in folder.iterdir():
+                    if path.name.startswith("rank-") and path.name.endswith((".safetensors", ".safetensors.tmp")):
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        if self._plan is not None:
+            torch.distributed.barrier()  # removed before any rank writes
 
     # -- the training loop ------------------------------------------------------------------------
 
@@ -274,6 +385,7 @@ class Recorder:
         k-th step gives the same profile as calling every step, without correction.
         """
         self._writer.raise_error()
+        self._follow_model()
         try:
             t = self._t + 1 if step is None else operator.index(step)  # ints, numpy and 0-dim integer tensors
         except TypeError:
@@ -307,6 +419,7 @@ class Recorder:
     def snapshot(self) -> None:
         """Write every EMA now, at the current time (e.g. at the end of training)."""
         self._writer.raise_error()
+        self._follow_model()
         if self._t == 0:
             raise InvalidValueError("nothing to snapshot yet", "call update() after an optimizer step first")
         self._update_emas(self._t)
@@ -317,22 +430,40 @@ class Recorder:
         if not self.writes:
             return
         storage = STORAGE_NAMES[self.snapshot_dtype]
-        stable = [averaged for averaged, _ in self._slots]  # EMAs wait for their copy; model buffers are cloned
+        plan = self._plan
+        # What this rank stores: every tensor (a replicated model), or its chunks (sharded: see dtensors.py).
+        keep = [True] * len(self.names) if plan is None else [c.writes for c in plan.chunks]
+        names = [n for n, kept in zip(self.names, keep) if kept]
+        stable = [averaged for (averaged, _), kept in zip(self._slots, keep) if kept]  # EMAs wait for their copy
         jobs = []
         for k, sigma_rel in enumerate(self.sigma_rels):
             done = (k, t) in self._written and not getattr(self._written[(k, t)], "failed", False)
             if done or self._t_ema[k] != t:
                 continue
             tensors, dtypes = [], []
-            for averaged, i in self._slots:
-                tensors.append(self._emas[k][i] if averaged else self._fixed[i])
-                dtypes.append(self.snapshot_dtype if averaged else self._fixed[i].dtype)
+            for (averaged, i), kept in zip(self._slots, keep):
+                if kept:
+                    tensors.append(self._emas[k][i] if averaged else self._fixed[i])
+                    dtypes.append(self.snapshot_dtype if averaged else self._fixed[i].dtype)
+            shard = None
+            if plan is None:
+                path = self.ckpt_dir / snapshot_name(sigma_rel, t)
+            else:
+                assert plan.index is not None
+                shapes = dict(zip(self.names, (c.shape for c in plan.chunks)))
+                offsets = {n: c.offsets for n, c, kept in zip(self.names, plan.chunks, keep) if kept}
+                shard = ShardRecord(plan.index, plan.files, shapes, offsets)
+                folder = self.ckpt_dir / set_name(sigma_rel, t)
+                try:
+                    folder.mkdir(exist_ok=True)
+                except OSError as e:
+                    raise OutputError(f"cannot create snapshot folder {folder} ({e.strerror})", "check the folder and its permissions") from e
+                path = folder / rank_file_name(plan.index)
             metadata = tag(snapshot_metadata(
                 sigma_rel=sigma_rel, gamma=self.gammas[k], t=t, time_unit=self.time_unit,
-                updates=self._updates[k], dtype=storage,
+                updates=self._updates[k], dtype=storage, shard=shard,
             ), frozen_id)
-            path = self.ckpt_dir / snapshot_name(sigma_rel, t)
-            jobs.append(self._writer.stage(path, self.names, tensors, dtypes, metadata, stable=stable))
+            jobs.append(self._writer.stage(path, names, tensors, dtypes, metadata, stable=stable))
             self._written[(k, t)] = jobs[-1]
         self._staging += jobs
         self._writer.submit(jobs)
@@ -362,13 +493,16 @@ class Recorder:
     def ema_state_dict(self, sigma_rel: float, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """A copy of one tracked EMA as a state dict (float32 averages, other buffers as they are).
 
+        For a sharded model each rank gets its local shards, as DTensors laid out like
+        the model's parameters (no communication), so ``model.load_state_dict`` takes it.
         Frozen tensors (stored once, not averaged) are included as the model's own
         tensors, not copied; ``trainable_only=True`` leaves them out.
         """
         k = self._index(sigma_rel)
+        self._follow_model()
         recorded = {
-            name: (self._emas[k][i] if averaged else self._fixed[i]).detach().clone()
-            for name, (averaged, i) in zip(self.names, self._slots)
+            name: dtensors.rebuild((self._emas[k][i] if averaged else self._fixed[i]).detach().clone(), spec)
+            for name, (averaged, i), spec in zip(self.names, self._slots, self._specs)
         }
         if trainable_only:
             return {n: t for n, t in recorded.items() if self.roles[n] == AVERAGED}
@@ -383,6 +517,7 @@ class Recorder:
         ...     val_loss = evaluate(ema_model)
         """
         k = self._index(sigma_rel)
+        self._follow_model()
         with torch.no_grad():
             backup = [s.clone() for s in self._sources]
             for source, ema in zip(self._sources, self._emas[k]):

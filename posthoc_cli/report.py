@@ -5,13 +5,13 @@ Plain data (JSON-ready dicts), built from headers alone; the CLI renders it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from statistics import median
 from typing import Any
 
-from collections.abc import Sequence
-
+from .dtypes import SAFETENSORS_DTYPES
 from .frozen import contents_report
-
 from .quality import FAITHFUL, POOR, grid, target_rows, unit_roundoff  # FAITHFUL, POOR: also imported from here
 from .snapshots import Catalogue, Snapshot, layout_problems
 from .targets import Target
@@ -67,9 +67,12 @@ def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:
         "t_last": ts[-1],
         "spacing": _spacing(ts),
         "dtype": latest.dtype,
-        "tensors": len(latest.tensors),
-        "parameters": sum(e.numel for e in latest.tensors.values() if e.is_floating_point),
-        "bytes": sum(s.header.file_size for s in snaps),
+        "tensors": len(latest.layout),
+        "parameters": sum(
+            math.prod(shape) for code, shape in latest.layout.values() if SAFETENSORS_DTYPES[code].is_floating_point
+        ),
+        "bytes": sum(s.nbytes for s in snaps),
+        "sharded": sum(s.sharded for s in snaps),
     }
 
 
@@ -91,6 +94,7 @@ def inspect_report(catalogue: Catalogue, targets: Sequence[str | float | Target]
         "series": [_series_summary(s, group) for s, group in sorted(catalogue.series.items())],
         "broken": [{"path": str(s.path), "reason": s.reason} for s in catalogue.broken],
         "ignored": [{"path": str(s.path), "reason": s.reason} for s in catalogue.ignored],
+        "incomplete": [{"path": str(s.path), "reason": s.reason} for s in catalogue.incomplete],
         "problems": problems,
         "grid": _grid(catalogue) if snaps else [],
         "targets": _target_rows(catalogue, targets) if snaps and targets else [],

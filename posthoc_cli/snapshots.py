@@ -23,6 +23,7 @@ from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype
 from .errors import CatalogueError, SnapshotFileError
 from .frozen import FrozenFile, is_frozen, read_frozen
 from .profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
+from .sharding import Chunk, ShardRecord, parse_shard_record, saved_offsets_metadata, tiling_problem
 
 FORMAT_VERSION = 1
 METADATA_KEY = "posthoc_ema"
@@ -67,29 +68,54 @@ def encode_metadata(info: dict[str, Any]) -> dict[str, str]:
     return {METADATA_KEY: json.dumps(info, allow_nan=False)}
 
 
+def set_name(sigma_rel: float, t: int) -> str:
+    """The folder name of a sharded snapshot, for people: ``ema-s0.050-t000000100000``."""
+    return snapshot_name(sigma_rel, t).removesuffix(SUFFIX)
+
+
 def snapshot_metadata(
-    *, sigma_rel: float, gamma: float, t: int, time_unit: str, updates: int, dtype: str
+    *,
+    sigma_rel: float,
+    gamma: float,
+    t: int,
+    time_unit: str,
+    updates: int,
+    dtype: str,
+    shard: ShardRecord | None = None,
 ) -> dict[str, str]:
-    """The header metadata of a version-1 snapshot."""
-    return encode_metadata(
-        {
-            "format": FORMAT_VERSION,
-            "kind": "snapshot",
-            "sigma_rel": sigma_rel,
-            "gamma": gamma,
-            "t": t,
-            "time_unit": time_unit,
-            "updates": updates,
-            "dtype": dtype,
-            "library": library_info(),
-            "created": utc_now(),
-        }
-    )
+    """The header metadata of a version-1 snapshot; with ``shard``, of one rank file of a sharded set.
+
+    A rank file's record adds ``"shard": {"rank", "files", "shapes"}`` and the
+    header adds ``DCP_SHARDING_INFO`` with ``shard.offsets`` (see :mod:`.sharding`).
+    """
+    record: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "kind": "snapshot",
+        "sigma_rel": sigma_rel,
+        "gamma": gamma,
+        "t": t,
+        "time_unit": time_unit,
+        "updates": updates,
+        "dtype": dtype,
+        "library": library_info(),
+        "created": utc_now(),
+    }
+    if shard is None:
+        return encode_metadata(record)
+    record["shard"] = {"rank": shard.rank, "files": shard.files, "shapes": {n: list(s) for n, s in shard.shapes.items()}}
+    return {**encode_metadata(record), **saved_offsets_metadata(shard.offsets)}
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A validated version-1 file: its header plus the posthoc-ema record."""
+    """A validated version-1 snapshot: one file, or a complete sharded set (a folder of rank files).
+
+    Synthesis reads both alike through ``layout`` (every tensor's dtype code and
+    global shape, in state-dict order) and ``chunks`` (the pieces that tile each
+    tensor; a single file has one chunk per tensor at offsets 0). ``header`` and
+    ``tensors`` describe the one file of a single-file snapshot; for a set they
+    describe its lowest rank's file only.
+    """
 
     header: Header
     kind: str
@@ -100,14 +126,34 @@ class Snapshot:
     updates: int
     dtype: str
     info: dict[str, Any]
+    layout: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    chunks: dict[str, list[Chunk]] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+    sharded: bool = False
+    folder: Path | None = None  # the set's folder (sharded only)
+    headers: tuple[Header, ...] = ()  # the headers of ``files``, in the same order
+
+    def __post_init__(self) -> None:
+        if not self.sharded and not self.files:  # a single file: derive the chunked view from its header
+            tensors = self.header.tensors
+            object.__setattr__(self, "layout", {n: (e.code, e.shape) for n, e in tensors.items()})
+            object.__setattr__(self, "chunks", {n: [Chunk(self.header, e, (0,) * len(e.shape))] for n, e in tensors.items()})
+            object.__setattr__(self, "files", (self.header.path,))
+            object.__setattr__(self, "headers", (self.header,))
 
     @property
     def path(self) -> Path:
-        return self.header.path
+        """The file, or the set's folder."""
+        return self.folder if self.folder is not None else self.header.path
 
     @property
     def tensors(self) -> dict[str, TensorEntry]:
         return self.header.tensors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk, all files together."""
+        return sum(h.file_size for h in self.headers)
 
 
 def _finite_number(value: object) -> bool:
@@ -168,8 +214,11 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     """Read and validate a version-1 file (snapshot or synthesized) from its header alone.
 
     Raises :class:`SnapshotFileError` for a broken file and :class:`NotASnapshot`
-    for a valid safetensors file without posthoc-ema metadata.
+    for a valid safetensors file without posthoc-ema metadata. A folder is read
+    as a sharded snapshot (:func:`read_set`).
     """
+    if os.path.isdir(path):
+        return read_set(path)
     header = read_header(path)
     if METADATA_KEY not in header.metadata:
         raise NotASnapshot(f"{header.path}: safetensors file without posthoc_ema metadata")
@@ -198,6 +247,7 @@ class Catalogue:
     ignored: list[Skipped] = field(default_factory=list)  # on purpose: tmp, foreign, synthesized
     broken: list[Skipped] = field(default_factory=list)  # corrupt or contradictory: the user must act
     frozen: list[FrozenFile] = field(default_factory=list)  # frozen weights stored once (.frozen)
+    incomplete: list[Skipped] = field(default_factory=list)  # sharded sets a crash left unfinished: never used
 
     @property
     def snapshots(self) -> list[Snapshot]:
@@ -233,8 +283,143 @@ def _data_digest(snap: Snapshot) -> bytes:
     return h.digest()
 
 
+_AGREE = ("kind", "sigma_rel", "gamma", "t", "time_unit", "updates", "dtype")  # what a set's files share
+
+
+class _Broken(Exception):
+    """A set whose present files contradict each other or their headers."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+class _Incomplete(Exception):
+    """A set a crash left unfinished (rank files missing, or only temporary files)."""
+
+
+def _set_members(folder: Path, ignored: list[Skipped]) -> tuple[list[tuple[Snapshot, ShardRecord]], int]:
+    """The rank files of a folder (validated one by one) and the number of temporary files beside them."""
+    members, temps = [], 0
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        if path.name.endswith(".tmp"):
+            temps += 1
+            continue
+        if path.is_dir() or not path.name.endswith(SUFFIX):
+            ignored.append(Skipped(path, "not a rank file of a sharded snapshot"))
+            continue
+        try:
+            snap = read_snapshot(path)
+        except NotASnapshot:
+            ignored.append(Skipped(path, "safetensors file without posthoc_ema metadata"))
+            continue
+        except SnapshotFileError as e:
+            raise _Broken(path, e.what.removeprefix(f"{path}: ")) from e
+        if "shard" not in snap.info or snap.kind != "snapshot":
+            ignored.append(Skipped(path, f"{snap.kind} file inside a folder, not a rank file of a sharded snapshot"))
+            continue
+        try:
+            members.append((snap, parse_shard_record(snap.info["shard"], snap.header)))
+        except (ValueError, RecursionError) as e:
+            raise _Broken(path, f"invalid shard record: {e}") from e
+    return members, temps
+
+
+def _assemble(folder: Path, members: list[tuple[Snapshot, ShardRecord]]) -> Snapshot:
+    """Check that a set's rank files agree and tile every tensor; the set as one :class:`Snapshot`."""
+    members = sorted(members, key=lambda m: m[1].rank)
+    ref, ref_record = members[0]
+    seen: dict[int, Path] = {}
+    for snap, record in members:
+        if record.rank in seen:
+            raise _Broken(snap.path, f"rank {record.rank} is also in {seen[record.rank].name}")
+        seen[record.rank] = snap.path
+        for key in _AGREE:
+            if getattr(snap, key) != getattr(ref, key):
+                raise _Broken(snap.path, f"its {key} is {getattr(snap, key)!r}, not {getattr(ref, key)!r} as in {ref.path.name}")
+        if record.files != ref_record.files:
+            raise _Broken(snap.path, f"its set has {record.files} files, not {ref_record.files} as in {ref.path.name}")
+        if record.shapes != ref_record.shapes:
+            name = next(
+                (n for n in ref_record.shapes if record.shapes.get(n) != ref_record.shapes[n]),
+                next(iter(record.shapes.keys() - ref_record.shapes.keys()), ""),
+            )
+            mine, theirs = record.shapes.get(name), ref_record.shapes.get(name)
+            raise _Broken(
+                snap.path,
+                f"global shape of {name!r} is {list(mine) if mine is not None else 'missing'}, "
+                f"not {list(theirs) if theirs is not None else 'missing'} as in {ref.path.name}",
+            )
+    if len(members) < ref_record.files:
+        missing = sorted(set(range(ref_record.files)) - set(seen))
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise _Incomplete(f"{len(members)} of {ref_record.files} rank files (rank {shown} missing): a write that did not finish")
+    chunks: dict[str, list[Chunk]] = {name: [] for name in ref_record.shapes}
+    for snap, record in members:
+        for name, entry in snap.tensors.items():
+            chunks[name].append(Chunk(snap.header, entry, record.offsets[name]))
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, shape in ref_record.shapes.items():
+        codes = {c.entry.code for c in chunks[name]}
+        if len(codes) > 1:
+            raise _Broken(chunks[name][-1].path, f"tensor {name!r} is stored as {' and '.join(sorted(codes))} in different files")
+        problem = tiling_problem(name, shape, chunks[name])
+        if problem is not None:
+            overlap = " overlaps " in problem
+            raise _Broken(chunks[name][-1].path if overlap else folder, problem)
+        layout[name] = (codes.pop(), shape)
+    return Snapshot(
+        ref.header, ref.kind, ref.sigma_rel, ref.gamma, ref.t, ref.time_unit, ref.updates, ref.dtype, ref.info,
+        layout=layout, chunks=chunks, files=tuple(s.path for s, _ in members), sharded=True, folder=folder,
+        headers=tuple(s.header for s, _ in members),
+    )
+
+
+def read_set(folder: str | os.PathLike[str]) -> Snapshot:
+    """Read and check a sharded snapshot (a folder of rank files) from its headers alone.
+
+    Raises :class:`SnapshotFileError` naming the file when the set is broken or
+    incomplete, :class:`NotASnapshot` when the folder holds no rank file.
+
+    >>> read_set("ckpts/ema-s0.050-t000000001000").layout["fc.weight"]  # doctest: +SKIP
+    ('F32', (16, 8))
+    """
+    root = Path(folder)
+    catalogue = Catalogue(root.parent)
+    snap = _scan_set(root, catalogue)
+    if catalogue.broken:
+        raise SnapshotFileError(catalogue.broken[0].path, catalogue.broken[0].reason, "move the set out of the folder")
+    if catalogue.incomplete:
+        raise SnapshotFileError(root, catalogue.incomplete[0].reason, "use a complete snapshot")
+    if snap is None:
+        raise NotASnapshot(f"{root}: folder without rank files of a sharded snapshot")
+    return snap
+
+
+def _scan_set(folder: Path, catalogue: Catalogue) -> Snapshot | None:
+    """A complete set, or None after filing the folder as incomplete, broken or (without rank files) nothing."""
+    try:
+        members, temps = _set_members(folder, catalogue.ignored)
+        if not members:
+            if temps:
+                catalogue.incomplete.append(Skipped(folder, f"only temporary files ({temps}): a write that did not finish"))
+            return None
+        return _assemble(folder, members)
+    except _Incomplete as e:
+        catalogue.incomplete.append(Skipped(folder, str(e)))
+    except _Broken as e:
+        reason = e.reason if e.path == folder else f"{e.reason} (in the sharded snapshot {folder.name})"
+        catalogue.broken.append(Skipped(e.path, reason))
+    except OSError as e:
+        catalogue.broken.append(Skipped(folder, f"cannot list the folder ({e.strerror})"))
+    return None
+
+
 def scan(folder: str | os.PathLike[str]) -> Catalogue:
     """Sort the files of ``folder`` into a :class:`Catalogue` (headers only, no tensor data).
+
+    Sub-folders holding rank files are sharded snapshots: complete sets join the
+    series, unfinished ones are listed in ``incomplete``, contradictory ones in ``broken``.
 
     >>> cat = scan("ckpts")  # doctest: +SKIP
     >>> sorted(cat.series)  # doctest: +SKIP
@@ -248,31 +433,41 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
     by_key: dict[tuple[float, int], Snapshot] = {}
     for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if path.is_dir():
-            continue
-        if path.name.endswith(".tmp"):
+            found = _scan_set(path, catalogue)
+            if found is None:
+                continue
+            snap = found
+        elif path.name.endswith(".tmp"):
             catalogue.ignored.append(Skipped(path, "temporary file of an unfinished write"))
             continue
-        if not path.name.endswith(SUFFIX):
+        elif not path.name.endswith(SUFFIX):
             catalogue.ignored.append(Skipped(path, "not a .safetensors file"))
             continue
-        try:
-            snap = read_snapshot(path)
-        except StoredOnceFile as found:
-            catalogue.frozen.append(found.file)
-            continue
-        except NotASnapshot:
-            catalogue.ignored.append(Skipped(path, "safetensors file without posthoc_ema metadata"))
-            continue
-        except SnapshotFileError as e:
-            catalogue.broken.append(Skipped(path, e.what.removeprefix(f"{path}: ")))
-            continue
-        if snap.kind != "snapshot":
-            catalogue.ignored.append(Skipped(path, f"{snap.kind} file, not a snapshot"))
-            continue
+        else:
+            try:
+                snap = read_snapshot(path)
+            except StoredOnceFile as found:
+                catalogue.frozen.append(found.file)
+                continue
+            except NotASnapshot:
+                catalogue.ignored.append(Skipped(path, "safetensors file without posthoc_ema metadata"))
+                continue
+            except SnapshotFileError as e:
+                catalogue.broken.append(Skipped(path, e.what.removeprefix(f"{path}: ")))
+                continue
+            if snap.kind != "snapshot":
+                catalogue.ignored.append(Skipped(path, f"{snap.kind} file, not a snapshot"))
+                continue
+            if "shard" in snap.info:  # a rank file outside its set's folder
+                catalogue.broken.append(Skipped(path, "rank file of a sharded snapshot outside its set's folder"))
+                continue
         key = (snap.sigma_rel, snap.t)
         twin = by_key.get(key)
         if twin is None:
             by_key[key] = snap
+            continue
+        if snap.sharded or twin.sharded:  # no cheap way to prove two layouts hold the same values
+            catalogue.broken.append(Skipped(path, f"another snapshot of sigma_rel {snap.sigma_rel} at t={snap.t} is {twin.path.name}"))
             continue
         try:
             same = _data_digest(twin) == _data_digest(snap)
@@ -298,13 +493,13 @@ def layout_problems(snapshots: list[Snapshot]) -> list[str]:
         return []
     problems = []
     ref = snapshots[-1]
-    ref_layout = {n: (e.code, e.shape) for n, e in ref.tensors.items()}
+    ref_layout = ref.layout
     for snap in snapshots[:-1]:
         if snap.time_unit != ref.time_unit:  # its t is on another scale: the weights would be wrong
             detail = f"its time unit is {snap.time_unit!r}, not {ref.time_unit!r}"
             problems.append(f"{snap.path.name} disagrees with {ref.path.name}: {detail}")
             continue
-        layout = {n: (e.code, e.shape) for n, e in snap.tensors.items()}
+        layout = snap.layout
         if layout == ref_layout:
             continue
         missing, extra = sorted(ref_layout.keys() - layout.keys()), sorted(layout.keys() - ref_layout.keys())
@@ -338,8 +533,10 @@ __all__ = [
     "Skipped",
     "Snapshot",
     "layout_problems",
+    "read_set",
     "read_snapshot",
     "scan",
+    "set_name",
     "snapshot_metadata",
     "snapshot_name",
 ]

@@ -74,3 +74,31 @@ def test_ema_on_the_host(tmp_path):
         torch.testing.assert_close(value, device_rec.ema_state_dict(0.05)[name].cpu())
     device_rec.close()
     host_rec.close()
+
+
+@pytest.mark.parametrize("after", [0, 5])
+def test_a_recorder_follows_the_model_to_cuda(tmp_path, after):
+    """model.to("cuda") after the Recorder (issue 10): the EMAs follow the live tensors onto the device."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.Linear(128, 8))
+    twin = make_model()  # on CUDA from the start: the oracle
+    twin.load_state_dict(model.state_dict())
+    rec = Recorder(model, tmp_path / "a", snapshot_every=10**9)
+    oracle = Recorder(twin, tmp_path / "b", snapshot_every=10**9)
+    g = torch.Generator().manual_seed(1)
+
+    def drift(n: int) -> None:
+        with torch.no_grad():
+            for _ in range(n):
+                deltas = [0.01 * torch.randn(p.shape, generator=g) for p in twin.parameters()]
+                for m in (model, twin):
+                    for p, d in zip(m.parameters(), deltas):
+                        p.add_(d.to(p.device))
+                rec.update()
+                oracle.update()
+
+    drift(after)
+    model.to("cuda")
+    drift(10)
+    ours, theirs = rec.ema_state_dict(0.05), oracle.ema_state_dict(0.05)
+    assert all(ours[k].is_cuda and torch.equal(ours[k], theirs[k]) for k in ours)

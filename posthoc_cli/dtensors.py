@@ -1,0 +1,189 @@
+"""DTensor models (FSDP2, tensor parallel, HSDP): each rank's local shards, where they sit, who writes them.
+
+A Recorder on a model with DTensor parameters averages every rank's *local*
+shard (``to_local()``: a view, no copy, no communication). What each rank must
+know to write its part of a sharded snapshot is computed from the DTensors'
+meshes and placements alone, identically on every rank, without talking to
+the others:
+
+- where its chunk of each tensor starts in the global tensor;
+- whether it writes that chunk: only ranks at coordinate 0 of every mesh
+  dimension over which the tensor is replicated (HSDP's replicas, TP-replicated
+  norms) write, so each element is stored once;
+- the writing ranks of the whole model (the union over tensors), whose position
+  in that sorted list is the rank file's index. Plain tensors of such a model
+  (buffers, unsharded parameters) are replicated everywhere: the first writer
+  stores them.
+
+``torch.distributed`` is imported only when a model holds a DTensor.
+
+>>> plan = shard_plan(state)  # doctest: +SKIP
+>>> plan.files, plan.index  # doctest: +SKIP
+(2, 1)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidValueError
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (without importing torch.distributed when it cannot be one)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor a rank holds: a DTensor's local shard (a view, no copy), or the tensor itself."""
+    return tensor._local_tensor.detach() if is_dtensor(tensor) else tensor.detach()  # type: ignore[attr-defined]
+
+
+def refuse_unsupported(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Legacy FSDP (flat parameters) and DeepSpeed hide the model's real tensors: say so instead of averaging garbage."""
+    refuse_old_torch(state)
+    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    flat = sys.modules.get("torch.distributed.fsdp._flat_param")
+    if (fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules())) or (
+        flat is not None and any(isinstance(t, flat.FlatParameter) for t in state.values())
+    ):
+        raise InvalidValueError(
+            "the model is wrapped in legacy FullyShardedDataParallel (FSDP1, flat parameters), which the Recorder does not support",
+            "shard it with torch.distributed.fsdp.fully_shard (FSDP2) instead, or record the unwrapped model",
+        )
+    if any(hasattr(t, "ds_id") or hasattr(t, "ds_tensor") for t in state.values()) or type(model).__module__.startswith("deepspeed"):
+        raise InvalidValueError(
+            "the model is managed by DeepSpeed (ZeRO partitioned parameters), which the Recorder does not support",
+            "use torch.distributed's fully_shard (FSDP2) or DDP, or record the unwrapped model",
+        )
+
+
+def spec(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What :func:`rebuild` needs to make a local tensor a DTensor like ``tensor`` (None: not a DTensor)."""
+    if not is_dtensor(tensor):
+        return None
+    return (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())  # type: ignore[attr-defined]
+
+
+def rebuild(local_tensor: torch.Tensor, how: tuple[Any, ...] | None) -> torch.Tensor:
+    """``local_tensor`` as the DTensor ``spec`` describes (no communication), or as it is."""
+    if how is None:
+        return local_tensor
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements, shape, stride = how
+    return DTensor.from_local(local_tensor, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def refuse_old_torch(state: Mapping[str, torch.Tensor]) -> None:
+    """Sharded recording relies on torch 2.6's public DTensor and fully_shard."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+    if version < (2, 6) and any(type(t).__name__ == "DTensor" for t in state.values()):
+        raise InvalidValueError(
+            f"recording a sharded (DTensor) model needs torch 2.6 or later, not {torch.__version__}",
+            "upgrade torch (pip install 'torch>=2.6')",
+        )
+
+
+@dataclass(frozen=True)
+class LocalChunk:
+    """One tensor as this rank holds it."""
+
+    shape: tuple[int, ...]  # the global shape
+    offsets: tuple[int, ...]  # where the local shard starts in it
+    local_shape: tuple[int, ...]
+    writes: bool  # whether this rank stores it in its file
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What this rank writes of a sharded snapshot: its file's index, the number of files, each tensor's chunk."""
+
+    index: int | None  # this rank's file in the set (None: it writes no file)
+    files: int
+    chunks: list[LocalChunk]  # per state-dict entry, in order
+    mesh_shape: tuple[int, ...]  # the largest mesh seen (for messages)
+
+
+def _world_mesh(mesh: Any, replicate: list[bool]) -> tuple[torch.Tensor | None, list[int]]:
+    """The ranks of the mesh spanning the job (a sub-mesh's root) and its dimensions the tensor is replicated over.
+
+    A DTensor on a sub-mesh (``world_mesh["dp"]``, as FSDP2 over TP makes for the
+    parameters TP leaves alone) is replicated over the root's other dimensions.
+    """
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    if root is mesh:
+        return mesh.mesh, [d for d, r in enumerate(replicate) if r]
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if not names or not root_names or not set(names) <= set(root_names):
+        return None, []  # a flattened or unnamed sub-mesh: its place in the root is unknown
+    within = {root_names.index(n): r for n, r in zip(names, replicate)}
+    return root.mesh, [d for d in range(len(root_names)) if within.get(d, True)]
+
+
+def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
+    """The global ranks that write ``tensor`` (a DTensor) and this rank's chunk of it."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
+    name = lambda: f"a {type(tensor).__name__} with placements {placements}"  # noqa: E731
+    for p in placements:
+        if not (isinstance(p, Replicate) or type(p) is Shard):  # Partial, _StridedShard: not a box of the global tensor
+            raise InvalidValueError(
+                f"the model holds {name()}: only Shard and Replicate placements can be recorded without communication",
+                "record a model sharded with fully_shard, parallelize_module or HSDP on one mesh (not FSDP over TP on the same dimension)",
+            )
+    world = torch.distributed.get_world_size()
+    ranks, replicated = _world_mesh(mesh, [isinstance(p, Replicate) for p in placements])
+    if ranks is None or ranks.numel() != world:
+        raise InvalidValueError(
+            f"the model holds {name()} on a mesh of {mesh.mesh.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
+            "put every rank in the DTensor's mesh (e.g. HSDP on a 2-D mesh instead of a sub-mesh plus DDP)",
+        )
+    (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
+    for dim in replicated:
+        ranks = ranks.narrow(dim, 0, 1)
+    offsets, local_shape = tuple(int(o) for o in chunk.offsets), tuple(int(n) for n in chunk.sizes)
+    writers = set(ranks.flatten().tolist())
+    me = torch.distributed.get_rank()
+    return writers, LocalChunk(tuple(tensor.shape), offsets, local_shape, me in writers)
+
+
+def shard_plan(state: Mapping[str, torch.Tensor]) -> ShardPlan | None:
+    """The sharded-snapshot plan of a state dict holding DTensors; None when it holds none (a replicated model)."""
+    if not any(is_dtensor(t) for t in state.values()):
+        return None
+    found: list[tuple[set[int] | None, LocalChunk]] = []
+    writers: set[int] | None
+    everyone: set[int] = set()
+    mesh_shape: tuple[int, ...] = ()
+    for tensor in state.values():
+        if is_dtensor(tensor):
+            writers, chunk = _writers(tensor)
+            everyone |= writers
+            mesh_shape = max(mesh_shape, tuple(tensor.device_mesh.mesh.shape), key=len)  # type: ignore[attr-defined]
+            found.append((writers, chunk))
+        else:
+            shape = tuple(tensor.shape)
+            found.append((None, LocalChunk(shape, (0,) * len(shape), shape, False)))
+    order = sorted(everyone)
+    me = torch.distributed.get_rank()
+    first = me == order[0]
+    chunks = []
+    for writers, chunk in found:
+        if writers is None or math.prod(chunk.shape) == 0:  # replicated everywhere, or globally empty: the first writer stores it
+            chunk = LocalChunk(chunk.shape, chunk.offsets, chunk.local_shape, first)
+        elif chunk.writes and 0 in chunk.local_shape:  # an empty local shard: nothing to store
+            chunk = LocalChunk(chunk.shape, chunk.offsets, chunk.local_shape, False)
+        chunks.append(chunk)
+    return ShardPlan(order.index(me) if me in everyone else None, len(order), chunks, mesh_shape)
+
+
+__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "rebuild", "refuse_unsupported", "shard_plan", "spec"]

@@ -1,0 +1,124 @@
+"""Parallel synthesis under real ``torchrun`` (gloo on CPU): outputs identical to one process; failures leave nothing.
+
+Every run starts the installed ``posthoc_cli`` with ``python -m torch.distributed.run``
+(torchrun) on 1, 2 or 3 ranks and is bounded by a timeout. Headers carry a
+``created`` timestamp that rank 0 decides; outputs are compared with that one
+field set aside, byte for byte otherwise (header and tensor data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import posthoc_cli
+from posthoc_cli.container import read_header
+from test_sharded_synthesis import reshard
+
+TIMEOUT = 120  # seconds for one torchrun
+WORKER = Path(__file__).with_name("parallel_worker.py")
+
+
+def torchrun(ranks: int, *args: object, cwd: Path, script: Path | None = None) -> subprocess.CompletedProcess[str]:
+    target = [str(script)] if script else ["-m", "posthoc_cli"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *target, *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+def normalised(path: Path) -> tuple[dict[str, object], bytes]:
+    """The header (``created`` set aside) and every byte after it."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    record = json.loads(header["__metadata__"]["posthoc_ema"])
+    assert record.pop("created")
+    header["__metadata__"]["posthoc_ema"] = record
+    return header, raw[8 + n :]
+
+
+def same_tree(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for name in files:
+        if name.suffix == ".json":
+            assert (a / name).read_bytes() == (b / name).read_bytes()
+        else:
+            assert normalised(a / name) == normalised(b / name)
+
+
+def final_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if not p.name.endswith(".tmp") and ".tmp" not in p.parent.name)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_outputs_are_identical_to_one_process(recorded, tmp_path, ranks):
+    args = [recorded, "-s", "0.15", "-s", "0.07", "--max-shard-size", "300"]
+    posthoc_cli.synthesize(recorded, [0.15, 0.07], out=tmp_path / "one", max_shard_size=300)
+    result = torchrun(ranks, "synthesize", *args, "--out", tmp_path / "many", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # rank 0 alone printed: one JSON document
+    assert [o["path"] for o in document["outputs"]] == [str(tmp_path / "many" / n) for n in ("ema-s0.150-t200", "ema-s0.070-t200")]
+    n = len(document["inputs"])
+    assert document["bytes_read"] == sum(e.nbytes * (n if e.dtype.is_floating_point else 1) for e in posthoc_cli.plan(recorded, [0.15]).entries)
+    same_tree(tmp_path / "one", tmp_path / "many")
+    assert len(list((tmp_path / "many" / "ema-s0.150-t200").iterdir())) == 4  # 3 shards cut across the ranks' parts
+
+
+def test_a_sharded_recording_in_parallel_into_one_file(recorded, tmp_path):
+    sharded = reshard(recorded, tmp_path / "sharded", [2, "c2", 3])
+    one = posthoc_cli.synthesize(recorded, 0.12, out=tmp_path / "one.safetensors")[0]
+    result = torchrun(3, "synthesize", sharded, "-s", "0.12", "--out", tmp_path / "three.safetensors", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Synthesized 1 EMA") == 1
+    header, data = normalised(tmp_path / "three.safetensors")
+    want_header, want_data = normalised(one)
+    assert data == want_data
+    inputs = header["__metadata__"]["posthoc_ema"].pop("inputs")  # type: ignore[index]
+    assert [i["file"] for i in inputs] == [i["file"].removesuffix(".safetensors") for i in want_header["__metadata__"]["posthoc_ema"].pop("inputs")]  # type: ignore[index]
+    assert header == want_header
+
+
+def test_a_rank_failing_midway_stops_all_with_one_error_and_nothing_written(recorded, tmp_path):
+    victim = sorted(recorded.glob("*.safetensors"))[-1]
+    entry = max(read_header(victim).tensors.values(), key=lambda e: e.begin)  # the last tensor: rank 1's part
+    with open(victim, "r+b") as f:
+        f.seek(entry.begin)
+        f.write(torch.tensor([float("inf")]).numpy().tobytes())
+    out = tmp_path / "out"
+    result = torchrun(2, "synthesize", recorded, "-s", "0.15", "--out", out / "ema.safetensors", cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: rank 1: tensor {entry.name!r} in {victim} holds NaN or Inf — move that snapshot out "
+                      "of the folder, or pass --allow-nonfinite to write the result anyway"]
+    assert not out.exists()  # neither the output, its temporary file, nor the folder made for it
+
+
+def test_a_killed_rank_leaves_nothing_under_a_final_name(recorded, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = torchrun(2, "synthesize", recorded, "-s", "0.15", "-s", "0.07", "--out", out, cwd=tmp_path, script=WORKER)
+    assert result.returncode != 0
+    assert "SIGXFSZ" in result.stderr  # torchrun's report: rank 1 was killed by the file size limit
+    assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) <= 1  # rank 0's, if it got to say it
+    assert final_names(out) == []
+
+
+def test_one_process_never_touches_torch_distributed(recorded, tmp_path):
+    code = (
+        "import sys, torch.distributed as dist\n"
+        "from typer.testing import CliRunner\n"
+        "from posthoc_cli.cli import app\n"
+        f"r = CliRunner().invoke(app, ['synthesize', {str(recorded)!r}, '-s', '0.15', '--out', {str(tmp_path / 'o')!r}, '--max-shard-size', '1KB'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print('posthoc_cli.parallel' in sys.modules, dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert result.stdout.split() == ["False", "False"], result.stderr
