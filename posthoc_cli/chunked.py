@@ -19,12 +19,14 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .container import read_into
 from .errors import SnapshotFileError
 from .sharding import Chunk, read_region
+
+if TYPE_CHECKING:  # torch only where tensor data is read (light commands import this module)
+    import torch
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
 
@@ -90,6 +92,8 @@ def read_flat(chunks: Sequence[Chunk], shape: Sequence[int], start: int, out: to
     Chunks of whole rows (FSDP2's dim-0 shards, single files) hold contiguous flat
     ranges: those are read straight into ``out``. Other chunkings go box by box.
     """
+    import torch
+
     shape = tuple(shape)
     stop = start + out.numel()
     solid = [c for c in chunks if c.entry.numel]

@@ -30,11 +30,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .container import Header, TensorEntry, read_into
 from .errors import SnapshotFileError
+
+if TYPE_CHECKING:  # torch only where tensor data is read (light commands import this module)
+    import torch
 
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
 SAVED_OFFSETS = "saved_offsets"
@@ -165,6 +167,8 @@ def _intersection(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) ->
 
 def _read_box(fd: int, chunk: Chunk, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """The global ``box`` (inside ``chunk``) as a tensor, reading only its bytes: one read per contiguous run."""
+    import torch
+
     shape = chunk.entry.shape
     local = [(lo - o, hi - o) for (lo, hi), o in zip(box, chunk.offsets)]
     result = torch.empty(tuple(hi - lo for lo, hi in local), dtype=chunk.entry.dtype)
@@ -194,6 +198,8 @@ def read_region(chunks: Sequence[Chunk], offsets: Sequence[int], shape: Sequence
 
     >>> read_region(snap.chunks["fc.weight"], (4, 0), (4, 8))  # doctest: +SKIP
     """
+    import torch
+
     if not chunks:
         raise ValueError("no chunks to read from")
     want = tuple((o, o + n) for o, n in zip(offsets, shape))
