@@ -193,6 +193,18 @@ def gram(t_in: np.ndarray, g_in: np.ndarray) -> np.ndarray:
     return profile_dot(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])
 
 
+def _pseudo_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, 1/λ) of the symmetric ``a`` = Q diag(λ) Qᵀ, over the eigenvalues above the cut-off: a⁺ = Q diag(1/λ) Qᵀ."""
+    # The least-squares solve of numpy's SVD lstsq, factored once for all
+    # targets: for a symmetric matrix the singular values are the |λ|, and the
+    # same cut-off (rcond times the largest) gives the minimum-norm solution,
+    # so duplicate or nearly identical snapshots stay finite (a direction they
+    # do not tell apart gets the equal split). eigh is a few times cheaper than an SVD.
+    lam, q = np.linalg.eigh(a)
+    keep = np.abs(lam) > _RCOND * np.abs(lam).max()
+    return np.ascontiguousarray(q[:, keep]), 1.0 / lam[keep]
+
+
 def solve_gram(a: np.ndarray, b: np.ndarray, t_r: float) -> np.ndarray:
     """Weights from the Gram matrix ``a`` and the targets' inner products ``b``, columns summing to 1.  # => [inputs, targets]
 
@@ -202,17 +214,23 @@ def solve_gram(a: np.ndarray, b: np.ndarray, t_r: float) -> np.ndarray:
     # so the diagonal is 1 and entries from different t and gamma are
     # comparable; rcond then measures how close two profiles are, not their size.
     d = 1.0 / np.sqrt(np.diag(a))
-    # SVD least squares keeps duplicate or nearly identical snapshots finite: a
-    # direction they do not tell apart gets the minimum-norm (equal) split.
-    y = np.linalg.lstsq(d[:, None] * a * d[None, :], d[:, None] * b, rcond=_RCOND)[0]
-    w = d[:, None] * y
-    total = w.sum(axis=0, keepdims=True)
-    if not (np.all(np.isfinite(w)) and np.all(total > 0)):  # b underflowed: no overlap left
-        raise InvalidValueError(
-            f"the snapshots up to t = {t_r:g} cannot represent these targets",
-            "record snapshots closer to the target time, or choose a larger sigma_rel",
-        )
-    return w / total  # profiles have unit mass, so a good fit already has Σw ≈ 1
+    q, inv = _pseudo_inverse(d[:, None] * a * d[None, :])
+    q_t = np.ascontiguousarray(q.T)
+    w = np.empty(b.shape)
+    # One target at a time, by matrix-vector products and a sum over a contiguous
+    # vector, whose shapes depend only on the inputs: each column is rounded the
+    # same whether it is solved alone or with others (a matrix-matrix product, or
+    # a sum down the columns of a matrix, would round it differently).
+    for j in range(b.shape[1]):
+        col = d * (q @ (inv * (q_t @ (d * b[:, j]))))
+        total = col.sum()
+        if not (np.all(np.isfinite(col)) and total > 0):  # b underflowed: no overlap left
+            raise InvalidValueError(
+                f"the snapshots up to t = {t_r:g} cannot represent these targets",
+                "record snapshots closer to the target time, or choose a larger sigma_rel",
+            )
+        w[:, j] = col / total  # profiles have unit mass, so a good fit already has Σw ≈ 1
+    return w
 
 
 def gram_error(a: np.ndarray, b: np.ndarray, rr: np.ndarray, w: np.ndarray) -> np.ndarray:

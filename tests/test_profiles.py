@@ -20,11 +20,13 @@ from posthoc_cli.profiles import (
     check_sigma_rel,
     fit,
     gamma_to_sigma_rel,
+    gram,
     profile_dot,
     profile_error,
     profile_norm_sq,
     sigma_rel_to_beta,
     sigma_rel_to_gamma,
+    solve_gram,
     solve_weights,
     update_beta,
 )
@@ -396,3 +398,17 @@ def test_messages_show_plain_numbers():
         sigma_rel_to_gamma(np.float64(1e-300))
     with pytest.raises(InvalidValueError, match=r"^sigma_rel 0\.5 is out of range"):
         check_sigma_rel(np.float64(0.5))
+
+
+def test_each_target_is_solved_the_same_bits_alone_or_with_others() -> None:
+    # Near-duplicate inputs (t and t + 1) make the Gram matrix close to singular.
+    t_in = np.concatenate([T_IN, T_IN[-3:] + 1.0])
+    s_in = np.concatenate([S_IN, S_IN[-3:]])
+    g_in = np.array([sigma_rel_to_gamma(s) for s in s_in])
+    g_out = np.array([sigma_rel_to_gamma(s) for s in np.linspace(0.03, 0.25, 23)])
+    a = gram(t_in, g_in)
+    b = profile_dot(t_in[:, None], g_in[:, None], 40001.0, g_out[None, :])  # => [inputs, targets]
+    together = solve_gram(a, b, 40001.0)
+    for j in range(g_out.size):
+        np.testing.assert_array_equal(solve_gram(a, b[:, j : j + 1], 40001.0)[:, 0], together[:, j])
+        np.testing.assert_array_equal(solve_gram(a, b[:, j:], 40001.0)[:, 0], together[:, j])
