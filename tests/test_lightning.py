@@ -235,12 +235,13 @@ def test_fsdp2_model_parallel_on_two_processes_writes_every_shard_and_resumes_ex
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
-    def two_processes(*args: object) -> None:
+    def two_processes(*args: object) -> str:
         done = subprocess.run(
             [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, *args],
             timeout=150, env=env, capture_output=True, text=True,
         )
         assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
 
     two_processes(tmp_path / "run")
     for rank in (0, 1):  # every rank holds a shard, so every rank writes
@@ -258,6 +259,12 @@ def test_fsdp2_model_parallel_on_two_processes_writes_every_shard_and_resumes_ex
     assert same_sets(tmp_path / "again" / "ema", tmp_path / "run" / "ema") == 6
     aside = tmp_path / "again" / "ema" / ".abandoned-after-t000000000006"
     assert sorted(p.name for p in aside.iterdir()) == [p.name for p in sets if int(p.name[-12:]) > 6]
+    # Without the per-rank state files the EMAs continue from the snapshots, with a warning (exact at a snapshot time).
+    shutil.copytree(tmp_path / "run" / "ema", tmp_path / "lost" / "ema")
+    shutil.rmtree(tmp_path / "lost" / "ema" / ".trainer-state")
+    stderr = two_processes(tmp_path / "lost", "--resume", tmp_path / "run" / "ckpt" / "step=8.ckpt")
+    assert "no EMA state file" in stderr
+    assert same_sets(tmp_path / "lost" / "ema", tmp_path / "run" / "ema") == 6
 
 
 class TwoOptimizers(L.LightningModule):
