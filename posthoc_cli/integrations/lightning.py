@@ -89,7 +89,9 @@ class PosthocEMA(pl.Callback):
     ) -> None:
         check_sigma_rels(sigma_rels, evaluate_with)
         if "write" in recorder_options:
-            raise InvalidValueError("PosthocEMA decides which rank writes (rank 0)", "leave out write=")
+            raise InvalidValueError(
+                "PosthocEMA decides which ranks write (rank 0; under FSDP2 each rank holding a shard)", "leave out write="
+            )
         self.ckpt_dir = ckpt_dir
         self.evaluate_with = evaluate_with
         self.save_state = save_state
