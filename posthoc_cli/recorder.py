@@ -567,7 +567,9 @@ class Recorder:
 
         Snapshots in the folder written after the state's time belong to an
         abandoned run: the writing rank moves them into a subfolder that scans
-        ignore (:func:`posthoc_cli.rewind.set_aside_after`). A snapshot due at the
+        ignore (:func:`posthoc_cli.rewind.set_aside_after`). A sharded model's
+        state is this rank's local shards: every rank saves and loads its own,
+        and every rank must call this (it waits at two barriers). A snapshot due at the
         state's time but missing from the folder (the run stopped before it was
         written) is written now.
 
@@ -582,7 +584,14 @@ class Recorder:
                 for ema, saved in zip(mine, theirs):
                     ema.copy_(saved)  # from the CPU copy back to the EMA's device (float32 → float32: exact)
         self._t, self._t_ema, self._updates = t, t_ema, updates
-        if self.writes:
+        if self._plan is not None:
+            # Every rank of a sharded model sees one folder: the first file's rank moves the future
+            # (whole set folders) while all wait, so no rank writes or scans mid-move.
+            torch.distributed.barrier()
+            if self._plan.index == 0:
+                set_aside_after(self.ckpt_dir, t)
+            torch.distributed.barrier()
+        elif self.writes:
             set_aside_after(self.ckpt_dir, t)
         self._written = {key: job for key, job in self._written.items() if key[1] <= t}
         if t and t % self.snapshot_every == 0:

@@ -6,11 +6,14 @@ happen: mixing them with the new run's snapshots would give synthesis two
 different trajectories under one time axis. They are moved into a hidden
 subfolder ``.abandoned-after-t<t>`` of the snapshot folder, which scans skip
 (names starting with ``.``), so the user can still look at them or delete them.
+A sharded snapshot (a set folder ``ema-s…-t…/`` of rank files) moves as one
+folder, finished or not.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import InvalidValueError, OutputError, SnapshotFileError
@@ -19,11 +22,38 @@ from .snapshots import SUFFIX, NotASnapshot, read_snapshot
 ABANDONED_PREFIX = ".abandoned-after-t"
 
 
+# A set folder's name, ``ema-s0.050-t000000000150``: its time when no rank file is readable yet (a crash mid-write).
+_SET_NAME = re.compile(r"ema-s[0-9.]+-t([0-9]+)")
+
+
+def _set_time(folder: Path) -> int | None:
+    """The time of a sharded snapshot's set folder (from its rank files' headers), or None if it is not one."""
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    if not names or not all(n.startswith("rank-") and n.endswith((SUFFIX, SUFFIX + ".tmp")) for n in names):
+        return None  # a user's folder, never moved
+    for name in sorted(names):
+        if name.endswith(SUFFIX):
+            try:
+                snap = read_snapshot(folder / name)
+            except (NotASnapshot, SnapshotFileError):
+                continue
+            return snap.t if snap.kind == "snapshot" and "shard" in snap.info else None
+    match = _SET_NAME.fullmatch(folder.name)  # only unfinished rank files: the name says when
+    return int(match.group(1)) if match else None
+
+
 def _later_snapshots(folder: Path, t: int) -> list[Path]:
-    """Every snapshot file (duplicates included) whose header says it was written after ``t``."""
+    """Every snapshot file or set folder (duplicates included) whose header says it was written after ``t``."""
     later = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.name.endswith(SUFFIX) or not path.is_file():
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            written = _set_time(path)
+            if written is not None and written > t:
+                later.append(path)
+            continue
+        if not path.name.endswith(SUFFIX) or not path.is_file():
             continue
         try:
             snap = read_snapshot(path)
@@ -50,11 +80,12 @@ def _fresh_folder(folder: Path, t: int) -> Path:
 def set_aside_after(ckpt_dir: str | os.PathLike[str], t: int) -> Path | None:
     """Move the snapshots of ``ckpt_dir`` written after time ``t`` into a subfolder that scans ignore.
 
-    Returns that subfolder, or None when there was nothing to move. Files are
-    moved with ``os.replace`` inside one file system (atomic per file); a crash
-    midway leaves each file either in place or set aside, and running again
-    moves the rest. Under ``torch.distributed`` call it on one rank only (the
-    writing one) and let the others wait for it.
+    Returns that subfolder, or None when there was nothing to move. Files and
+    sharded set folders are moved with ``os.replace`` inside one file system
+    (atomic each); a crash midway leaves each either in place or set aside, and
+    running again moves the rest. Under ``torch.distributed`` call it on exactly
+    one rank, while no rank writes, and let the others wait for it at a barrier
+    (sharded runs too: every rank sees the same folder).
 
     >>> set_aside_after("ckpts", 1500)  # doctest: +SKIP
     PosixPath('ckpts/.abandoned-after-t000000001500')

@@ -227,6 +227,46 @@ def test_ddp_on_two_processes_matches_one_process_and_resumes_exactly(tmp_path: 
     assert {m["t"] for _, m in aside.values()} == {8, 10}
 
 
+def test_fsdp2_model_parallel_on_two_processes_writes_every_shard_and_resumes_exactly(tmp_path: Path) -> None:
+    """ModelParallelStrategy with fully_shard (FSDP2) on 2 CPU processes (gloo): each rank writes its rank files."""
+    from shardsets import assert_same_snapshots as same_sets
+
+    worker = Path(__file__).with_name("lightning_fsdp2_worker.py")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def two_processes(*args: object) -> str:
+        done = subprocess.run(
+            [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, *args],
+            timeout=150, env=env, capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    two_processes(tmp_path / "run")
+    for rank in (0, 1):  # every rank holds a shard, so every rank writes
+        assert (tmp_path / "run" / f"rank{rank}-of-2.done").read_text() == "10 writes=True"
+    sets = sorted(p for p in (tmp_path / "run" / "ema").iterdir() if not p.name.startswith("."))
+    assert len(sets) == 6 and all(sorted(q.name for q in p.iterdir()) == ["rank-00000.safetensors",
+                                                                          "rank-00001.safetensors"] for p in sets)
+    # The callback's snapshots (4, 8, final 10) are, bit for bit, those of a sharded Recorder driven by hand.
+    assert same_sets(tmp_path / "run" / "ema", tmp_path / "run" / "hand") == 6
+    # Each rank's EMA state lies beside the snapshots (Lightning keeps callback state from rank 0 only).
+    assert (tmp_path / "run" / "ema" / ".trainer-state" / "t000000000006" / "rank-00001.pt").is_file()
+    # Resume at step 6 (between snapshots) into a copy of the folder holding the future 8 and 10.
+    shutil.copytree(tmp_path / "run" / "ema", tmp_path / "again" / "ema")
+    two_processes(tmp_path / "again", "--resume", tmp_path / "run" / "ckpt" / "step=6.ckpt")
+    assert same_sets(tmp_path / "again" / "ema", tmp_path / "run" / "ema") == 6
+    aside = tmp_path / "again" / "ema" / ".abandoned-after-t000000000006"
+    assert sorted(p.name for p in aside.iterdir()) == [p.name for p in sets if int(p.name[-12:]) > 6]
+    # Without the per-rank state files the EMAs continue from the snapshots, with a warning (exact at a snapshot time).
+    shutil.copytree(tmp_path / "run" / "ema", tmp_path / "lost" / "ema")
+    shutil.rmtree(tmp_path / "lost" / "ema" / ".trainer-state")
+    stderr = two_processes(tmp_path / "lost", "--resume", tmp_path / "run" / "ckpt" / "step=8.ckpt")
+    assert "no EMA state file" in stderr
+    assert same_sets(tmp_path / "lost" / "ema", tmp_path / "run" / "ema") == 6
+
+
 class TwoOptimizers(L.LightningModule):
     """Manual optimization with two optimizers: each batch takes two optimizer steps (the global step grows by 2)."""
 

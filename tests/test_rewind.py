@@ -76,3 +76,64 @@ def test_set_aside_after_moves_only_later_snapshots_and_never_overwrites(tmp_pat
     assert second == tmp_path / ".abandoned-after-t000000000008-2"
     assert len(list(first.iterdir())) == len(list(second.iterdir())) == 2
     assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def sharded_run(folder: Path, start: int, stop: int, *, state: dict | None = None, model_state: dict | None = None,
+                keep_at: int = -1, shard: bool = True) -> tuple[dict, dict]:
+    """:func:`run` with the model's parameters as DTensors (FSDP2) on a 1-rank mesh: snapshots are set folders."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_tiny_model(0)
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    if shard:
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    kept: tuple[dict, dict] = ({}, {})
+    with Recorder(model, folder, (0.05, 0.10), snapshot_every=4, update_every=2) as rec:
+        if state is not None:
+            rec.load_state_dict(state)
+        for t in range(start + 1, stop + 1):
+            g = torch.Generator().manual_seed(t)
+            with torch.no_grad():
+                for p in model.parameters():
+                    (p.to_local() if shard else p).add_(0.01 * torch.randn(p.shape, generator=g) + 0.002)
+            rec.update(step=t)
+            if t == keep_at:
+                # The state's tensors are this rank's local shards, as the sharded trainers save them per rank.
+                kept = (rec.state_dict(), {k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+                                           for k, v in model.state_dict().items()})
+        rec.snapshot()
+    return kept
+
+
+def test_sharded_load_state_dict_resumes_exactly_and_sets_future_set_folders_aside(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded_run(tmp_path / "straight", 0, 13)
+        state, model_state = sharded_run(tmp_path / "resumed", 0, 13, keep_at=5)
+        future = sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.is_dir() and int(p.name[-12:]) > 5)
+        assert future and all((tmp_path / "resumed" / n / "rank-00000.safetensors").is_file() for n in future)
+        sharded_run(tmp_path / "resumed", 5, 13, state=state, model_state=model_state)
+    finally:
+        dist.destroy_process_group()
+    from shardsets import assert_same_snapshots as same_sets
+
+    sharded_run(tmp_path / "plain", 0, 13, shard=False)  # the unsharded model's snapshots: the sets hold the same, bit for bit
+    assert same_sets(tmp_path / "straight", tmp_path / "plain") == 8
+    assert same_sets(tmp_path / "resumed", tmp_path / "plain") == 8
+    aside = tmp_path / "resumed" / ".abandoned-after-t000000000005"
+    assert sorted(p.name for p in aside.iterdir()) == future  # whole set folders, rank files inside
+
+
+def test_set_aside_after_moves_unfinished_set_folders_by_name_and_leaves_other_folders(tmp_path: Path) -> None:
+    unfinished = tmp_path / "ema-s0.050-t000000000012"
+    unfinished.mkdir()
+    (unfinished / "rank-00001.safetensors.tmp").write_bytes(b"partial")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "a.png").write_bytes(b"x")
+    aside = set_aside_after(tmp_path, 8)
+    assert aside is not None and (aside / unfinished.name / "rank-00001.safetensors.tmp").is_file()
+    assert (tmp_path / "plots" / "a.png").is_file()

@@ -14,8 +14,8 @@ from ..recorder import Recorder
 from ..rewind import set_aside_after
 
 SHARDED_HINT = (
-    "use the DDP strategy for now (sharded recording through the trainer is not connected yet), "
-    "or drive posthoc_cli.Recorder yourself"
+    "with Lightning use ModelParallelStrategy (FSDP2 through fully_shard in configure_model) or DDP; "
+    "elsewhere DDP, or drive posthoc_cli.Recorder yourself on the DTensor (FSDP2) model"
 )
 
 
@@ -33,11 +33,15 @@ def check_sigma_rels(sigma_rels: Sequence[float], evaluate_with: float | None) -
         )
 
 
-def refuse_sharded(model: nn.Module, where: str) -> None:
-    """Sharded parameters (DTensor: FSDP2, tensor parallel; DeepSpeed ZeRO-3) cannot be recorded here yet."""
-    for p in model.parameters():
-        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" or hasattr(p, "ds_numel"):
-            raise InvalidValueError(f"{where} shards the model's parameters", SHARDED_HINT)
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are DTensors (FSDP2, tensor parallel): the Recorder records them shard by shard."""
+    return any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in model.parameters())
+
+
+def refuse_sharded(model: nn.Module, where: str, hint: str = SHARDED_HINT) -> None:
+    """Refuse sharded parameters (DTensor; DeepSpeed ZeRO-3) where the caller does not record them."""
+    if is_sharded(model) or any(hasattr(p, "ds_numel") for p in model.parameters()):
+        raise InvalidValueError(f"{where} shards the model's parameters", hint)
 
 
 def open_recorder(
@@ -56,14 +60,17 @@ def open_recorder(
     the EMAs continue exactly. Without it, from the snapshots at or before ``step``:
     exact when ``step`` is a snapshot time. Either way the writing rank first sets
     aside the snapshots written after ``step`` (an abandoned future), and every rank
-    waits for that at ``barrier`` before it reads the folder.
+    waits for that at ``barrier`` before it reads the folder. A sharded (DTensor)
+    model's state is this rank's shards, and its Recorder decides which ranks write
+    (each holding a shard): ``writer`` then only names the one rank that sets aside.
     """
     if step > 0:
         if writer:
             set_aside_after(ckpt_dir, step)
         barrier()
     options = dict(recorder_options)
-    options.setdefault("write", writer)
+    if not is_sharded(model):
+        options.setdefault("write", writer)
     recorder = Recorder(model, ckpt_dir, **options)
     if state is not None:
         if state.get("t") != step:

@@ -11,12 +11,21 @@ gradient accumulation; when one batch takes several optimizer steps (manual
 optimization with several optimizers) once at its end, the update's Δ
 covering all of them. Its state (the EMAs, float32) goes into Lightning's
 checkpoints, so ``trainer.fit(..., ckpt_path=...)`` continues them exactly.
+
+Under ``ModelParallelStrategy`` (FSDP2: ``fully_shard`` in ``configure_model``)
+every rank averages its own shards and writes its rank file of each set.
+Lightning saves callback state from rank 0 only, so each rank's EMA state goes
+into a file of its own beside the snapshots,
+``<ckpt_dir>/.trainer-state/t<step>/rank-<rank>.pt``, and the checkpoint
+keeps only its step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,11 +42,22 @@ except ImportError:  # the older package name ships the same Callback API
 import torch
 
 from ..recorder import Recorder
-from ._common import SHARDED_HINT, check_sigma_rels, open_recorder, refuse_sharded
+from ._common import check_sigma_rels, is_sharded, open_recorder
 from ..errors import InvalidValueError
 
-# Strategies that shard parameters, by class name (the same in lightning and pytorch_lightning).
-_SHARDED_STRATEGIES = {"FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"}
+# Strategies whose parameters the Recorder cannot see as DTensors, by class name (the same in lightning
+# and pytorch_lightning): FSDP1 flattens them, DeepSpeed ZeRO partitions them its own way.
+_REFUSED_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy"}
+_REFUSED_HINT = (
+    "use ModelParallelStrategy and shard with torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, "
+    "or the DDP strategy"
+)
+STATE_FOLDER = ".trainer-state"  # per-rank EMA states of a sharded run; scans skip names starting with "."
+
+
+def rank_state_path(ckpt_dir: str | os.PathLike[str], step: int, rank: int) -> Path:
+    """Where rank ``rank`` keeps its EMA state for the Lightning checkpoint at ``step`` (sharded runs)."""
+    return Path(ckpt_dir) / STATE_FOLDER / f"t{step:012d}" / f"rank-{rank:05d}.pt"
 
 
 class PosthocEMA(pl.Callback):
@@ -50,7 +70,9 @@ class PosthocEMA(pl.Callback):
     afterwards (also when validation raises). ``save_state=False`` keeps the
     EMAs out of Lightning's checkpoints (smaller files; resuming is then exact
     only from a checkpoint at a snapshot time). Under DDP every rank keeps the
-    EMAs and rank 0 writes.
+    EMAs and rank 0 writes; under ``ModelParallelStrategy`` (FSDP2) each rank
+    averages and writes its shards, and keeps its EMA state in
+    ``<ckpt_dir>/.trainer-state/`` (Lightning saves callback state from rank 0 only).
 
     >>> trainer = L.Trainer(callbacks=[PosthocEMA("ckpts", evaluate_with=0.10)])  # doctest: +SKIP
     """
@@ -67,7 +89,9 @@ class PosthocEMA(pl.Callback):
     ) -> None:
         check_sigma_rels(sigma_rels, evaluate_with)
         if "write" in recorder_options:
-            raise InvalidValueError("PosthocEMA decides which rank writes (rank 0)", "leave out write=")
+            raise InvalidValueError(
+                "PosthocEMA decides which ranks write (rank 0; under FSDP2 each rank holding a shard)", "leave out write="
+            )
         self.ckpt_dir = ckpt_dir
         self.evaluate_with = evaluate_with
         self.save_state = save_state
@@ -76,6 +100,9 @@ class PosthocEMA(pl.Callback):
         self._loaded: dict[str, Any] | None = None  # the Recorder state from the checkpoint being resumed
         self._last_step = 0
         self._is_global_zero = True
+        self._sharded = False
+        self._rank = 0
+        self._sharded_at: int | None = None  # the step whose per-rank state files the checkpoint points to
         self._swap = contextlib.ExitStack()
 
     @property
@@ -86,18 +113,35 @@ class PosthocEMA(pl.Callback):
     # -- fit ---------------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
-            raise InvalidValueError(f"PosthocEMA cannot record under {type(trainer.strategy).__name__} yet", SHARDED_HINT)
-        refuse_sharded(pl_module, "the strategy")
+        name = type(trainer.strategy).__name__
+        if name in _REFUSED_STRATEGIES:
+            raise InvalidValueError(f"PosthocEMA cannot record under {name}", _REFUSED_HINT)
+        if any(hasattr(p, "ds_numel") for p in pl_module.parameters()):  # ZeRO-3 partitions, whatever the strategy
+            raise InvalidValueError("DeepSpeed ZeRO partitions the model's parameters", _REFUSED_HINT)
         self._close()
         self._is_global_zero = trainer.is_global_zero
+        self._sharded = is_sharded(pl_module)
+        self._rank = trainer.global_rank
         step = trainer.global_step
         state, self._loaded = self._loaded, None
+        sharded_at, self._sharded_at = self._sharded_at, None
+        if self._sharded and sharded_at is not None:
+            state = self._rank_state(sharded_at, step)
         self.recorder = open_recorder(
             pl_module, self.ckpt_dir, self._options, step=step, state=state,
             writer=trainer.is_global_zero, barrier=trainer.strategy.barrier,
         )
         self._last_step = step
+
+    def _rank_state(self, sharded_at: int, step: int) -> dict[str, Any] | None:
+        """This rank's EMA state saved beside the snapshots for the checkpoint being resumed (None: not there)."""
+        path = rank_state_path(self.ckpt_dir, sharded_at, self._rank)
+        if sharded_at != step or not path.is_file():
+            # open_recorder then continues from the snapshots, with a warning when that is not exact.
+            warnings.warn(f"posthoc-ema: no EMA state file {path} for this rank (another world size?)", stacklevel=3)
+            return None
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -134,13 +178,28 @@ class PosthocEMA(pl.Callback):
     # -- Lightning checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if not self.save_state or self.recorder is None or not self._is_global_zero:
+        if not self.save_state or self.recorder is None:
+            return {}
+        if self._sharded:
+            # Every rank holds other shards, and Lightning keeps callback state from rank 0 only:
+            # each rank writes its own file (atomically), the checkpoint records the step.
+            self.recorder.flush()
+            t = self.recorder.t
+            path = rank_state_path(self.ckpt_dir, t, self._rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(self.recorder.state_dict(), tmp)
+            os.replace(tmp, path)
+            return {"sharded_state": t}
+        if not self._is_global_zero:
             return {}  # only rank 0's copy is saved: every rank holds the same EMAs
         self.recorder.flush()  # the snapshots up to this step are on disk before the checkpoint is
         return {"recorder": self.recorder.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict.get("recorder")
+        at = state_dict.get("sharded_state")
+        self._sharded_at = at if isinstance(at, int) else None
 
 
 __all__ = ["PosthocEMA"]

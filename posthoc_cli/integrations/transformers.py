@@ -28,7 +28,14 @@ import torch
 
 from ..errors import InvalidValueError, OutputError
 from ..recorder import Recorder
-from ._common import SHARDED_HINT, open_recorder, refuse_sharded
+from ._common import open_recorder, refuse_sharded
+
+# The Trainer's FSDP runs through Accelerate, which turns it on for accelerators only (not on CPU), so
+# this callback's FSDP path could not be tested here: refused, saying what records sharded models instead.
+HF_SHARDED_HINT = (
+    "train with DDP, or record FSDP2 with posthoc_cli.Recorder on the fully_shard model in your own or "
+    "Accelerate loop, or with Lightning's ModelParallelStrategy and PosthocEMA"
+)
 
 STATE_NAME = "posthoc_ema_state.pt"  # beside the Trainer's files in each checkpoint-N folder
 
@@ -77,8 +84,8 @@ class PosthocEMACallback(transformers.TrainerCallback):
         if model is None:
             raise InvalidValueError("the Trainer passed no model to PosthocEMACallback", "use transformers.Trainer")
         if getattr(args, "fsdp", None):
-            raise InvalidValueError("PosthocEMACallback cannot record under FSDP yet", SHARDED_HINT)
-        refuse_sharded(model, "the training set-up")
+            raise InvalidValueError("PosthocEMACallback does not record under the Trainer's FSDP (args.fsdp)", HF_SHARDED_HINT)
+        refuse_sharded(model, "the training set-up", HF_SHARDED_HINT)
         if self.recorder is not None:
             self.recorder.close()
         step = state.global_step
