@@ -391,6 +391,8 @@ class _ChunkReader:
     """
 
     def __init__(self, snaps: list[Snapshot]) -> None:
+        import torch
+
         self.snaps = snaps
         self._phases = [{e.name: e.begin % mapping.PAGE for e in _phase_entries(s)} for s in snaps]
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -403,6 +405,8 @@ class _ChunkReader:
         return [(members, rows) for members, rows in zip(parts, x.split([len(m) for m in parts]))]
 
     def read(self, s: _Slice, inputs: list[int]) -> torch.Tensor:
+        import torch
+
         need = len(inputs) * s.width
         if self._buffer.numel() < need:
             self._buffer = torch.empty(max(need, SLICE_BYTES), dtype=torch.uint8)

@@ -22,6 +22,8 @@ from .container import Header, TensorEntry, read_header
 from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype
 from .errors import CatalogueError, SnapshotFileError
 from .frozen import FrozenFile, is_frozen, read_frozen
+from .frozen_set import FOLDER_NAME as FROZEN_FOLDER
+from .frozen_set import FrozenSet, scan_sets
 from .profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
 from .sharding import Chunk, ShardRecord, parse_shard_record, saved_offsets_metadata, tiling_problem
 
@@ -246,7 +248,7 @@ class Catalogue:
     series: dict[float, list[Snapshot]] = field(default_factory=dict)
     ignored: list[Skipped] = field(default_factory=list)  # on purpose: tmp, foreign, synthesized
     broken: list[Skipped] = field(default_factory=list)  # corrupt or contradictory: the user must act
-    frozen: list[FrozenFile] = field(default_factory=list)  # frozen weights stored once (.frozen)
+    frozen: list[FrozenFile | FrozenSet] = field(default_factory=list)  # frozen weights stored once (.frozen)
     incomplete: list[Skipped] = field(default_factory=list)  # sharded sets a crash left unfinished: never used
 
     @property
@@ -432,6 +434,13 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
     catalogue = Catalogue(root)
     by_key: dict[tuple[float, int], Snapshot] = {}
     for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if path.is_dir() and path.name == FROZEN_FOLDER:  # frozen weights of a sharded model (frozen_set.py)
+            sets = scan_sets(path)
+            catalogue.frozen += sets.complete
+            catalogue.incomplete += [Skipped(p, r) for p, r in sets.incomplete]
+            catalogue.broken += [Skipped(p, r) for p, r in sets.broken]
+            catalogue.ignored += [Skipped(p, r) for p, r in sets.ignored]
+            continue
         if path.is_dir():
             found = _scan_set(path, catalogue)
             if found is None:
