@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 KIND = "frozen"
 FILE_NAME = "frozen.safetensors"
+_WHERE = "frozen.safetensors (a sharded model: every rank file of frozen/)"
 SNAPSHOT_KEY = "frozen"  # the key in a snapshot's record that holds the id of its frozen file
 _METADATA_KEY = "posthoc_ema"  # snapshots.METADATA_KEY (this module cannot import snapshots)
 
@@ -234,8 +235,8 @@ class FrozenRef:
         """The file, or a clear error when it is missing."""
         if self.file is None:
             raise CatalogueError(
-                f"{self.folder}: the snapshots keep their frozen weights in {FILE_NAME} (id {self.id}), which is missing",
-                f"put {FILE_NAME} back, or write only the averaged tensors with --trainable-only (trainable_only=True)",
+                f"{self.folder}: the snapshots keep their frozen weights in {_WHERE} (id {self.id}), which is missing",
+                f"put {FILE_NAME} or the frozen/ files back, or write only the averaged tensors with --trainable-only (trainable_only=True)",
             )
         return self.file
 
@@ -308,7 +309,7 @@ def contents_report(catalogue: Catalogue) -> tuple[dict[str, Any], list[str]]:
     problems = []
     if ident is not None and file is None:
         problems.append(
-            f"the snapshots keep their frozen weights in {FILE_NAME} (id {ident}), which is missing: "
+            f"the snapshots keep their frozen weights in {_WHERE} (id {ident}), which is missing: "
             "complete outputs cannot be made (--trainable-only still works)"
         )
     report: dict[str, Any] = {
@@ -357,8 +358,8 @@ class FrozenWeights:
         ref = frozen_ref([latest], catalogue)
         if ref is not None and ref.file is None:
             raise FrozenWeightsError(
-                f"{self.folder}: the snapshots keep their frozen weights in {FILE_NAME} (id {ref.id}), which is missing",
-                f"put {FILE_NAME} back to continue this recording, or record in a new folder",
+                f"{self.folder}: the snapshots keep their frozen weights in {_WHERE} (id {ref.id}), which is missing",
+                f"put {FILE_NAME} or the frozen/ files back to continue this recording, or record in a new folder",
             )
         file = ref.file if ref is not None else None
         roles = {n: AVERAGED if e.is_floating_point else AS_IS for n, e in latest.tensors.items()}

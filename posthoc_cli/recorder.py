@@ -142,7 +142,7 @@ class Recorder:
         self._filter = Filter.make(average_frozen=average_frozen, include=include, exclude=exclude)
         self._write_option = write
         self._staging: list[Job] = []  # snapshots whose EMA copies may still be in progress
-        self._frozen_set_id = _agreed_id(model)  # a sharded model's frozen set: named now, written without talking
+        self._frozen_set_id = _agreed_id(model, self._filter)  # a sharded model's frozen set: named now, written without talking
         try:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -630,9 +630,16 @@ class Recorder:
         return [first[i] for i in range(len(self._sources))]
 
 
-def _agreed_id(model: nn.Module) -> str | None:
-    """For a model holding DTensors, one new id shared by every rank (a broadcast, at construction only)."""
-    if not any(dtensors.is_dtensor(t) for t in model.state_dict(keep_vars=True).values()):
+def _agreed_id(model: nn.Module, selection: Filter) -> str | None:
+    """For a sharded model with tensors to store once, one new id shared by every rank.
+
+    One broadcast, at construction only (every rank makes its Recorder), so the
+    frozen set is written later without any communication.
+    """
+    state = model.state_dict(keep_vars=True)
+    if not any(dtensors.is_dtensor(t) for t in state.values()):
+        return None
+    if STORED_ONCE not in select({strip_wrappers(n): t for n, t in state.items()}, selection).values():
         return None
     chosen: list[str | None] = [uuid.uuid4().hex if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(chosen, src=0)

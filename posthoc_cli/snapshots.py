@@ -456,7 +456,10 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
             try:
                 snap = read_snapshot(path)
             except StoredOnceFile as found:
-                catalogue.frozen.append(found.file)
+                if "shard" in found.file.info:  # its tensors are chunks: read as whole tensors they would be wrong
+                    catalogue.broken.append(Skipped(path, "rank file of frozen weights outside the frozen/ folder of its set"))
+                else:
+                    catalogue.frozen.append(found.file)
                 continue
             except NotASnapshot:
                 catalogue.ignored.append(Skipped(path, "safetensors file without posthoc_ema metadata"))

@@ -4,7 +4,8 @@ full weights every step, for tests/test_frozen_sharded.py.
 
     python -m torch.distributed.run --nproc-per-node N tests/frozen_sharded_worker.py MODE FOLDER STEPS
 
-MODE: fsdp2, tp or hsdp (as in sharded_worker.py). A second run with more STEPS resumes both folders.
+MODE: fsdp2, tp or hsdp (as in sharded_worker.py). A second run with more STEPS resumes both folders;
+``--perturb`` changes one element of the last rank's frozen shard first (the resume must refuse it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main() -> None:
     full = copy.deepcopy(model)
     shard(model, mode, world)
     assert isinstance(model.fc1.weight, DTensor) and not model.fc1.weight.requires_grad
+    if "--perturb" in sys.argv and rank == world - 1:
+        with torch.no_grad():
+            model.fc1.weight.to_local().view(-1)[0] += 1.0
     rec = Recorder(model, folder / "sharded", sigma_rels=(0.05, 0.10), snapshot_every=4)
     ref = Recorder(full, folder / "plain", sigma_rels=(0.05, 0.10), snapshot_every=4, write=True) if rank == 0 else None
     start = rec.t

@@ -29,10 +29,12 @@ TIMEOUT = 150
 POSTHOC = Path(sys.executable).with_name("posthoc-ema")
 
 
-def record(mode: str, ranks: int, root: Path, steps: int) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(WORKER), mode, str(root), str(steps)]
+def record(mode: str, ranks: int, root: Path, steps: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(WORKER), mode, str(root), str(steps), *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def synthesize(folder: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
@@ -70,6 +72,10 @@ def test_frozen_layers_of_a_sharded_model_are_stored_once_and_synthesize_to_the_
 def test_a_missing_frozen_rank_file_is_an_incomplete_set_and_complete_outputs_are_refused(tmp_path):
     record("fsdp2", 2, tmp_path, 4)
     sharded = tmp_path / "sharded"
+    stray = sharded / "stray.safetensors"  # a rank file moved out of its set: chunks, never whole tensors
+    stray.write_bytes((sharded / "frozen" / "rank-00000.safetensors").read_bytes())
+    assert [b.path for b in posthoc_cli.scan(sharded).broken] == [stray]
+    stray.unlink()
     (sharded / "frozen" / "rank-00001.safetensors").unlink()
     catalogue = posthoc_cli.scan(sharded)
     assert catalogue.frozen == [] and len(catalogue.incomplete) == 1
@@ -78,3 +84,12 @@ def test_a_missing_frozen_rank_file_is_an_incomplete_set_and_complete_outputs_ar
     assert not (tmp_path / "o.safetensors").exists()
     adapter = subprocess.run([str(POSTHOC), "synthesize", str(sharded), "-s", "0.07", "--trainable-only", "--out", str(tmp_path / "a.safetensors")], capture_output=True, text=True, timeout=TIMEOUT)
     assert adapter.returncode == 0, adapter.stderr
+
+
+def test_a_resume_whose_frozen_shard_differs_from_the_stored_chunks_is_refused(tmp_path):
+    record("fsdp2", 2, tmp_path, 4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sharded" / "frozen").iterdir()}
+    failed = record("fsdp2", 2, tmp_path, 8, "--perturb", check=False)
+    assert failed.returncode != 0 and "FrozenWeightsError" in failed.stderr and "fc1.weight" in failed.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sharded" / "frozen").iterdir()} == before  # never rewritten
+    assert len(posthoc_cli.scan(tmp_path / "sharded").snapshots) == 2  # nothing written after t=4
