@@ -22,8 +22,6 @@ from .container import Header, TensorEntry, read_header
 from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype
 from .errors import CatalogueError, SnapshotFileError
 from .frozen import FrozenFile, is_frozen, read_frozen
-from .frozen_set import FOLDER_NAME as FROZEN_FOLDER
-from .frozen_set import FrozenSet, scan_sets
 from .profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
 from .sharding import Chunk, ShardRecord, parse_shard_record, saved_offsets_metadata, tiling_problem
 
@@ -35,6 +33,7 @@ KINDS = ("snapshot", "synthesized")
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 if TYPE_CHECKING:  # built on first use (module __getattr__ at the end): scans never import torch
     import torch
+    from .frozen_set import FrozenSet
 
     STORAGE_NAMES: dict[torch.dtype, str]  # torch.float16 → "float16"
     CODES: dict[torch.dtype, str]  # torch dtype → safetensors code, as in container
@@ -434,7 +433,9 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
     catalogue = Catalogue(root)
     by_key: dict[tuple[float, int], Snapshot] = {}
     for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
-        if path.is_dir() and path.name == FROZEN_FOLDER:  # frozen weights of a sharded model (frozen_set.py)
+        if path.is_dir() and path.name == "frozen":  # frozen weights of a sharded model (frozen_set.FOLDER_NAME)
+            from .frozen_set import scan_sets  # imports torch: only when a folder holds such a set
+
             sets = scan_sets(path)
             catalogue.frozen += sets.complete
             catalogue.incomplete += [Skipped(p, r) for p, r in sets.incomplete]
