@@ -36,10 +36,12 @@ from .errors import CatalogueError, FrozenWeightsError, ResumeError, SnapshotFil
 if TYPE_CHECKING:
     import torch
 
+    from .frozen_set import FrozenSet
     from .snapshots import Catalogue, Snapshot  # imported the other way at run time (scans read frozen files)
 
 KIND = "frozen"
 FILE_NAME = "frozen.safetensors"
+_WHERE = "frozen.safetensors (a sharded model: every rank file of frozen/)"
 SNAPSHOT_KEY = "frozen"  # the key in a snapshot's record that holds the id of its frozen file
 _METADATA_KEY = "posthoc_ema"  # snapshots.METADATA_KEY (this module cannot import snapshots)
 
@@ -106,21 +108,26 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
+def info_record(ident: str, state_dict: Sequence[str], selection: dict[str, Any]) -> dict[str, Any]:
+    """The ``posthoc_ema`` record of a frozen file (a rank file of a set adds ``shard``)."""
+    return {
+        "format": 1,
+        "kind": KIND,
+        "id": ident,
+        "state_dict": list(state_dict),
+        "filter": selection,
+        "library": {"name": "posthoc-ema", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
 def write_frozen(
     folder: Path, tensors: Mapping[str, torch.Tensor], state_dict: Sequence[str], selection: dict[str, Any]
 ) -> FrozenFile:
     """Write ``tensors`` as they are (dtype, bytes) into ``folder/frozen.safetensors``, atomically, one at a time."""
     from .container import CODES, AtomicWriter
 
-    info = {
-        "format": 1,
-        "kind": KIND,
-        "id": uuid.uuid4().hex,
-        "state_dict": list(state_dict),
-        "filter": selection,
-        "library": {"name": "posthoc-ema", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-    }
+    info = info_record(uuid.uuid4().hex, state_dict, selection)
     layout = [(name, CODES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
     path = folder / FILE_NAME
     _refuse_foreign(path)
@@ -146,11 +153,18 @@ def _refuse_foreign(path: Path) -> None:
         )
 
 
-def differing(file: FrozenFile, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def differing(file: FrozenFile | FrozenSet, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The names whose bytes in the model differ from the file's (or that the file lacks)."""
     import torch
 
+    from . import dtensors
     from .container import CODES, read_tensor
+    from .frozen_set import FrozenSet, differing_chunks
+
+    if isinstance(file, FrozenSet):
+        return differing_chunks(file, tensors)
+    if any(dtensors.is_dtensor(t) for t in tensors.values()):  # a sharded run continuing an unsharded recording
+        return differing_chunks(as_set(file), tensors)
 
     out = []
     try:
@@ -170,6 +184,16 @@ def differing(file: FrozenFile, tensors: Mapping[str, torch.Tensor]) -> list[str
     finally:
         os.close(fd)
     return out
+
+
+def as_set(file: FrozenFile) -> FrozenSet:
+    """A single frozen file as a complete set of one file (each tensor one chunk at the origin)."""
+    from .frozen_set import FrozenSet
+    from .sharding import Chunk
+
+    chunks = {n: [Chunk(file.header, e, (0,) * len(e.shape))] for n, e in file.tensors.items()}
+    shapes = {n: e.shape for n, e in file.tensors.items()}
+    return FrozenSet((file,), chunks, shapes, {n: e.code for n, e in file.tensors.items()}, True, file.path.parent)
 
 
 def snapshot_frozen_id(snap: Snapshot) -> str | None:
@@ -204,22 +228,28 @@ class FrozenRef:
     """The frozen file that a plan's snapshots need (``file`` None: it is missing from the folder)."""
 
     id: str
-    file: FrozenFile | None
+    file: FrozenFile | FrozenSet | None
     folder: Path
 
-    def require(self) -> FrozenFile:
+    def require(self) -> FrozenFile | FrozenSet:
         """The file, or a clear error when it is missing."""
         if self.file is None:
             raise CatalogueError(
-                f"{self.folder}: the snapshots keep their frozen weights in {FILE_NAME} (id {self.id}), which is missing",
-                f"put {FILE_NAME} back, or write only the averaged tensors with --trainable-only (trainable_only=True)",
+                f"{self.folder}: the snapshots keep their frozen weights in {_WHERE} (id {self.id}), which is missing",
+                f"put {FILE_NAME} or the frozen/ files back, or write only the averaged tensors with --trainable-only (trainable_only=True)",
             )
         return self.file
 
 
-def copy_frozen(file: FrozenFile, sinks: Sequence[Any], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
+def copy_frozen(file: FrozenFile | FrozenSet, sinks: Sequence[Any], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
     """Append every tensor of ``file`` to each sink, bit for bit, in file order; yields (name, bytes) as it goes."""
     import torch
+
+    from .frozen_set import FrozenSet, copy_set
+
+    if isinstance(file, FrozenSet):
+        yield from copy_set(file, sinks, chunk)
+        return
 
     from .container import read_into
 
@@ -279,7 +309,7 @@ def contents_report(catalogue: Catalogue) -> tuple[dict[str, Any], list[str]]:
     problems = []
     if ident is not None and file is None:
         problems.append(
-            f"the snapshots keep their frozen weights in {FILE_NAME} (id {ident}), which is missing: "
+            f"the snapshots keep their frozen weights in {_WHERE} (id {ident}), which is missing: "
             "complete outputs cannot be made (--trainable-only still works)"
         )
     report: dict[str, Any] = {
@@ -304,13 +334,19 @@ class FrozenWeights:
     """
 
     def __init__(
-        self, folder: Path, tensors: Mapping[str, torch.Tensor], state_dict: Sequence[str], selection: dict[str, Any]
+        self,
+        folder: Path,
+        tensors: Mapping[str, torch.Tensor],
+        state_dict: Sequence[str],
+        selection: dict[str, Any],
+        set_id: str | None = None,
     ) -> None:
         self.folder = folder
         self.tensors = dict(tensors)  # the model's own Parameters and buffers (their requires_grad and version)
         self.state_dict = list(state_dict)
         self.selection = selection
-        self.file: FrozenFile | None = None
+        self.file: FrozenFile | FrozenSet | None = None  # a set: this rank's own file, or the folder's set on resume
+        self.set_id = set_id  # a sharded model: the id its ranks agreed on when the Recorder was made
         self._in_use = False  # snapshots refer to self.file: check it, never rewrite it
         self._versions: dict[str, int] | None = None
 
@@ -322,8 +358,8 @@ class FrozenWeights:
         ref = frozen_ref([latest], catalogue)
         if ref is not None and ref.file is None:
             raise FrozenWeightsError(
-                f"{self.folder}: the snapshots keep their frozen weights in {FILE_NAME} (id {ref.id}), which is missing",
-                f"put {FILE_NAME} back to continue this recording, or record in a new folder",
+                f"{self.folder}: the snapshots keep their frozen weights in {_WHERE} (id {ref.id}), which is missing",
+                f"put {FILE_NAME} or the frozen/ files back to continue this recording, or record in a new folder",
             )
         file = ref.file if ref is not None else None
         roles = {n: AVERAGED if e.is_floating_point else AS_IS for n, e in latest.tensors.items()}
@@ -362,11 +398,17 @@ class FrozenWeights:
             if changed and self.file is not None:
                 self._check(changed)
             self._versions.update({n: t._version for n, t in changed.items()})
-        return self.file.id if self.file is not None else None
+        return self.file.id if self.file is not None else self.set_id
 
     def _first_write(self) -> None:
         if self._in_use and self.file is not None:
             self._check(self.tensors)
+            return
+        if self.set_id is not None:  # a sharded model: each rank writes its own chunks (frozen_set.py)
+            from .frozen_set import write_frozen_set
+
+            self.file = write_frozen_set(self.folder, self.tensors, self.state_dict, self.selection, self.set_id)
+            self._in_use = True
             return
         self.file = write_frozen(self.folder, self.tensors, self.state_dict, self.selection)
         self._in_use = True

@@ -11,6 +11,7 @@ import contextlib
 import math
 import operator
 import os
+import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -141,6 +142,7 @@ class Recorder:
         self._filter = Filter.make(average_frozen=average_frozen, include=include, exclude=exclude)
         self._write_option = write
         self._staging: list[Job] = []  # snapshots whose EMA copies may still be in progress
+        self._frozen_set_id = _agreed_id(model, self._filter)  # a sharded model's frozen set: named now, written without talking
         try:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -186,13 +188,13 @@ class Recorder:
         named = dict(zip(names, state.values()))
         self.roles = select(named, self._filter)
         once = {n: t for n, t in named.items() if self.roles[n] == STORED_ONCE}
-        if once and sharded:
+        if once and sharded and (self._frozen_set_id is None or dtensors.shard_plan(once) is None):
             raise InvalidValueError(
                 f"{len(once)} frozen tensors of a sharded (DTensor) model would be stored once, which sharded recording "
-                "does not support yet",
-                "pass average_frozen=True to average them with the rest",
+                "supports only when the model is sharded before the Recorder is made and some stored-once tensor is a DTensor",
+                "make the Recorder after fully_shard / parallelize_module, or pass average_frozen=True to average them with the rest",
             )
-        self._frozen = FrozenWeights(self.ckpt_dir, once, names, self._filter.as_json())
+        self._frozen = FrozenWeights(self.ckpt_dir, once, names, self._filter.as_json(), self._frozen_set_id if sharded else None)
         state = {k: t for (k, t), n in zip(state.items(), names) if self.roles[n] != STORED_ONCE}
         self.names = [n for n in names if self.roles[n] != STORED_ONCE]
         self._plan = dtensors.shard_plan(state)
@@ -426,7 +428,8 @@ class Recorder:
         self._write(self._t)
 
     def _write(self, t: int) -> None:
-        frozen_id = self._frozen.before_snapshot(write=self.writes)  # first: written once; later: unchanged?
+        # First: written once (a sharded model: by every rank owning frozen chunks); later: unchanged?
+        frozen_id = self._frozen.before_snapshot(write=self.writes or self._plan is not None)
         if not self.writes:
             return
         storage = STORAGE_NAMES[self.snapshot_dtype]
@@ -634,6 +637,22 @@ class Recorder:
             if averaged:
                 first.setdefault(i, name)
         return [first[i] for i in range(len(self._sources))]
+
+
+def _agreed_id(model: nn.Module, selection: Filter) -> str | None:
+    """For a sharded model with tensors to store once, one new id shared by every rank.
+
+    One broadcast, at construction only (every rank makes its Recorder), so the
+    frozen set is written later without any communication.
+    """
+    state = model.state_dict(keep_vars=True)
+    if not any(dtensors.is_dtensor(t) for t in state.values()):
+        return None
+    if STORED_ONCE not in select({strip_wrappers(n): t for n, t in state.items()}, selection).values():
+        return None
+    chosen: list[str | None] = [uuid.uuid4().hex if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 __all__ = ["Recorder", "strip_wrappers"]

@@ -33,6 +33,7 @@ KINDS = ("snapshot", "synthesized")
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 if TYPE_CHECKING:  # built on first use (module __getattr__ at the end): scans never import torch
     import torch
+    from .frozen_set import FrozenSet
 
     STORAGE_NAMES: dict[torch.dtype, str]  # torch.float16 → "float16"
     CODES: dict[torch.dtype, str]  # torch dtype → safetensors code, as in container
@@ -246,7 +247,7 @@ class Catalogue:
     series: dict[float, list[Snapshot]] = field(default_factory=dict)
     ignored: list[Skipped] = field(default_factory=list)  # on purpose: tmp, foreign, synthesized
     broken: list[Skipped] = field(default_factory=list)  # corrupt or contradictory: the user must act
-    frozen: list[FrozenFile] = field(default_factory=list)  # frozen weights stored once (.frozen)
+    frozen: list[FrozenFile | FrozenSet] = field(default_factory=list)  # frozen weights stored once (.frozen)
     incomplete: list[Skipped] = field(default_factory=list)  # sharded sets a crash left unfinished: never used
 
     @property
@@ -432,6 +433,15 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
     catalogue = Catalogue(root)
     by_key: dict[tuple[float, int], Snapshot] = {}
     for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if path.is_dir() and path.name == "frozen":  # frozen weights of a sharded model (frozen_set.FOLDER_NAME)
+            from .frozen_set import scan_sets  # imports torch: only when a folder holds such a set
+
+            sets = scan_sets(path)
+            catalogue.frozen += sets.complete
+            catalogue.incomplete += [Skipped(p, r) for p, r in sets.incomplete]
+            catalogue.broken += [Skipped(p, r) for p, r in sets.broken]
+            catalogue.ignored += [Skipped(p, r) for p, r in sets.ignored]
+            continue
         if path.is_dir():
             found = _scan_set(path, catalogue)
             if found is None:
@@ -447,7 +457,10 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
             try:
                 snap = read_snapshot(path)
             except StoredOnceFile as found:
-                catalogue.frozen.append(found.file)
+                if "shard" in found.file.info:  # its tensors are chunks: read as whole tensors they would be wrong
+                    catalogue.broken.append(Skipped(path, "rank file of frozen weights outside the frozen/ folder of its set"))
+                else:
+                    catalogue.frozen.append(found.file)
                 continue
             except NotASnapshot:
                 catalogue.ignored.append(Skipped(path, "safetensors file without posthoc_ema metadata"))

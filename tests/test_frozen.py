@@ -282,7 +282,7 @@ def test_cli_end_to_end_through_the_entry_point(tmp_path):
 
     (folder / FILE_NAME).rename(tmp_path / "moved.safetensors")
     failed = cli("synthesize", folder, "-s", 0.08, "--out", "again.safetensors", cwd=tmp_path, check_rc=1)
-    assert failed.stderr.startswith("Error: ") and "which is missing — put frozen.safetensors back" in failed.stderr
+    assert failed.stderr.startswith("Error: ") and "which is missing — put frozen.safetensors or the frozen/ files back" in failed.stderr
     assert len(failed.stderr.splitlines()) == 1 and not (tmp_path / "again.safetensors").exists()
     assert "which is missing" in cli("inspect", folder, cwd=tmp_path).stdout
 
