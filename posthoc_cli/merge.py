@@ -31,7 +31,6 @@ from . import mapping
 from .chunked import Files, read_flat
 from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
 from .frozen import FrozenRef, copy_frozen, frozen_ref, tag
-from .frozen_set import FrozenSet
 from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
 from .profiles import Fit, sigma_rel_to_gamma
 from .quality import NOISE_BOUND, unit_roundoff
@@ -689,6 +688,8 @@ def output_paths(
 
 def check_outputs(p: Plan, paths: list[Path], force: bool, *, folders: bool = False) -> None:
     """Refuse outputs that are inputs, or exist (without ``force``), before any work starts."""
+    from .frozen_set import FrozenSet  # (imports torch: synthesis only)
+
     inputs = {s.path.resolve() for s in [*p.inputs, p.fixed_from]}
     if p.frozen is not None and p.frozen.file is not None:
         stored = p.frozen.file
