@@ -9,6 +9,7 @@ in one folder is the oracle for what synthesis makes from the other.
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ import torch
 from torch import nn
 
 from posthoc_cli import Recorder
+
+# Tests that send Ctrl-C to the CLI need it to arrive as at a terminal. A suite started as a
+# background job (`cmd &` in a script) inherits SIGINT ignored, and so would every command it
+# starts: give this process Python's own handler, so its children start with the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class TinyNet(nn.Module):
