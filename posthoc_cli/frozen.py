@@ -130,7 +130,7 @@ def write_frozen(
     info = info_record(uuid.uuid4().hex, state_dict, selection)
     layout = [(name, CODES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
     path = folder / FILE_NAME
-    _refuse_foreign(path)
+    refuse_foreign(path)
     with AtomicWriter(path, layout, {_METADATA_KEY: json.dumps(info)}, overwrite=True) as writer:
         for tensor in tensors.values():  # one tensor in host memory at a time
             writer.write(_cpu(tensor))
@@ -138,7 +138,7 @@ def write_frozen(
     return read_frozen(read_header(path))
 
 
-def _refuse_foreign(path: Path) -> None:
+def refuse_foreign(path: Path) -> None:
     """Never replace a file of the user's that happens to have our name (only an earlier frozen file)."""
     if not os.path.lexists(path):
         return

@@ -28,7 +28,7 @@ import torch
 from . import dtensors
 from .container import TensorEntry, read_header
 from .errors import FrozenWeightsError, OutputError, SnapshotFileError
-from .frozen import _METADATA_KEY, FrozenFile, info_record, is_frozen, read_frozen
+from .frozen import _METADATA_KEY, FrozenFile, info_record, is_frozen, read_frozen, refuse_foreign
 from .sharding import Chunk, ShardRecord, parse_shard_record, rank_file_name, read_region, saved_offsets_metadata, tiling_problem
 
 FOLDER_NAME = "frozen"  # the sub-folder of the snapshot folder holding the rank files
@@ -183,16 +183,7 @@ def write_frozen_set(
     except OSError as e:
         raise OutputError(f"cannot create folder {sub} ({e.strerror})", "check the folder and its permissions") from e
     path = sub / rank_file_name(plan.index)
-    if os.path.lexists(path):
-        try:
-            ours = is_frozen(read_header(path))
-        except SnapshotFileError:
-            ours = False
-        if not ours:
-            raise FrozenWeightsError(
-                f"{path} exists and is not posthoc-ema's frozen weights, which the Recorder writes under that name",
-                "move that file out of the snapshot folder, or record in another folder",
-            )
+    refuse_foreign(path)
     metadata = {_METADATA_KEY: json.dumps(info), **saved_offsets_metadata(shard.offsets)}
     with AtomicWriter(path, layout, metadata, overwrite=True) as writer:
         for t in locals_:  # one local shard in host memory at a time
