@@ -88,18 +88,20 @@ def _exact_range(
 
 def _derivatives(
     v0: np.ndarray, kap: np.ndarray, s: np.ndarray, lam: np.ndarray, x: np.ndarray, order: int
-) -> list[np.ndarray]:
-    """f, f', …, f^(order) of f(x) = e^{−λx} [(v0 − xκ)^s − (v0 − (x+1)κ)^s] (Leibniz rule)."""
-    y = v0 - x * kap
-    h = []
-    falling = np.ones_like(s)
-    for k in range(order + 1):
-        # h^(k) = (−κ)^k (s)_k [y^{s−k} − (y−κ)^{s−k}], (s)_k the falling factorial
-        h.append((-kap) ** k * falling * _steps(y, kap, s - k))
-        falling = falling * (s - k)
+) -> np.ndarray:
+    """f, f', …, f^(order) of f(x) = e^{−λx} [(v0 − xκ)^s − (v0 − (x+1)κ)^s].  # => [order+1, pairs]"""
+    k = np.arange(order + 1, dtype=np.float64)[:, None]
+    # h = (v0 − xκ)^s − (v0 − (x+1)κ)^s: h^(k) = (−κ)^k (s)_k [y^{s−k} − (y−κ)^{s−k}], (s)_k the falling factorial
+    falling = np.cumprod(np.concatenate([np.ones((1, s.size)), s[None, :] - k[:-1]]), axis=0)
+    h = np.cumprod(np.concatenate([np.ones((1, s.size)), np.broadcast_to(-kap, (order, s.size))]), axis=0)
+    h *= falling * _steps(v0 - x * kap, kap, s[None, :] - k)
+    # f^(m) = e^{−λx} (d/dx − λ)^m h: apply (d/dx − λ) to the whole column of derivatives m times
+    out = np.empty_like(h)
+    for m in range(order + 1):
+        out[m] = h[0]
+        h = h[1:] - lam * h[:-1]
     with np.errstate(under="ignore"):
-        e = np.exp(-lam * x)
-    return [e * sum(math.comb(m, k) * (-lam) ** (m - k) * h[k] for k in range(m + 1)) for m in range(order + 1)]
+        return out * np.exp(-lam * x)
 
 
 def _integral(
