@@ -124,8 +124,7 @@ def schedule_dots(sch: Schedule, t_in: np.ndarray, g_in: np.ndarray) -> np.ndarr
     use = np.flatnonzero(full & (pref > 0))
     if use.size:
         t, bb = t_in[use], b[use]
-        sums = geometric_sum(sch.times(bb) / t, K / t, s_in[use], np.full(use.size, -log_d), bb - a)
-        out[use] += pref[use] * sums
+        out[use] += geometric_sum(sch.times(bb) / t, K / t, s_in[use], np.full(use.size, -log_d), bb - a, pref[use])
     # the update after the snapshot time, whose interval the snapshot time splits
     n_p = n_i + 1.0
     u_last = np.where(n_i >= 1, sch.times(np.maximum(n_i, 1.0)), 0.0)

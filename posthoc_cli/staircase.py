@@ -29,6 +29,7 @@ _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(8)
 _HEAD = 48  # terms summed exactly next to the snapshot time (and at least this many at the far end)
 _DROP = 60.0  # terms below e^-60 of the largest are left out (far below float64 resolution of the sum)
 _CHUNK = 1 << 21  # elements per vectorised block
+_NEGLIGIBLE_PAIR = 1e-20  # a whole sum this far below the largest of its call is left out
 
 
 def _steps(y: np.ndarray, kap: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -72,17 +73,18 @@ def _exact_range(
 ) -> np.ndarray:
     """Σ_{j0 ≤ j < j1} of the terms, per pair (bounds may differ), term by term.  # => [pairs]"""
     out = np.zeros(v0.size)
-    count = np.maximum(j1 - j0, 0)
-    if v0.size == 0 or count.max(initial=0) == 0:
-        return out
-    width = int(count.max())
-    rows = max(1, _CHUNK // width)
-    for start in range(0, v0.size, rows):
-        sl = slice(start, start + rows)
-        j = j0[sl, None] + np.arange(width)[None, :]
-        keep = j < j1[sl, None]
-        t = _terms(v0[sl, None], kap[sl, None], s[sl, None], lam[sl, None], np.where(keep, j, 0.0))
-        out[sl] = np.where(keep, t, 0.0).sum(axis=1)
+    count = np.maximum(j1 - j0, 0).astype(np.int64)
+    ends = np.cumsum(count)
+    start = 0
+    while start < v0.size:
+        # a block of pairs with about _CHUNK terms in all, laid out flat (no padding to the longest)
+        stop = max(int(np.searchsorted(ends, ends[start] - count[start] + _CHUNK, side="right")), start + 1)
+        c = count[start:stop]
+        pair = np.repeat(np.arange(start, stop), c)
+        j = j0[pair] + (np.arange(pair.size) - np.repeat(np.cumsum(c) - c, c))
+        t = _terms(v0[pair], kap[pair], s[pair], lam[pair], j)
+        out[start:stop] = np.bincount(pair - start, weights=t, minlength=stop - start)
+        start = stop
     return out
 
 
@@ -141,18 +143,31 @@ def _integral(
 _EM = [(1, 1.0 / 12.0), (3, -1.0 / 720.0), (5, 1.0 / 30240.0), (7, -1.0 / 1209600.0)]
 
 
-def geometric_sum(v0: np.ndarray, kap: np.ndarray, s: np.ndarray, lam: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """Σ_{j=0}^{last} e^{−λj} [(v0 − jκ)^s − (v0 − (j+1)κ)^s] per pair, all arrays of one shape.
+def geometric_sum(
+    v0: np.ndarray, kap: np.ndarray, s: np.ndarray, lam: np.ndarray, last: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
+    """scale · Σ_{j=0}^{last} e^{−λj} [(v0 − jκ)^s − (v0 − (j+1)κ)^s] per pair, all arrays of one shape.
 
-    Requires v0 − (last+1)κ ≥ 0. Exact sums for the first and last terms (where
-    the power part is not smooth on the scale of one term), Euler–Maclaurin
-    between them; terms below e^-60 of the first are dropped.
+    Requires v0 − (last+1)κ ≥ 0 and scale ≥ 0. Exact sums for the first and last
+    terms (where the power part is not smooth on the scale of one term),
+    Euler–Maclaurin between them; terms below e^-60 of the first are dropped, and
+    so are pairs below 1e-20 of the largest (they are 0 here).
 
-    >>> round(float(geometric_sum(*(np.array([x]) for x in (1.0, 0.25, 2.0, 0.0, 3)))[0]), 12)  # telescopes to 1
+    >>> round(float(geometric_sum(*(np.array([x]) for x in (1.0, 0.25, 2.0, 0.0, 3, 1.0)))[0]), 12)  # telescopes to 1
     1.0
     """
-    v0, kap, s, lam, last = (np.asarray(x, dtype=np.float64).ravel() for x in (v0, kap, s, lam, last))
+    v0, kap, s, lam, last, scale = (np.asarray(x, dtype=np.float64).ravel() for x in (v0, kap, s, lam, last, scale))
     out = np.zeros(v0.size)
+    # Every term is ≥ 0, so a sum lies between its first term and v0^s (where it telescopes to):
+    # a pair whose upper bound is below 1e-20 of another's lower bound adds nothing a solve can see.
+    with np.errstate(under="ignore"):
+        upper = scale * np.power(v0, s)
+        lower = scale * _steps(v0, kap, s)
+    live = upper >= _NEGLIGIBLE_PAIR * lower.max(initial=0.0)
+    if not live.all():
+        i = np.flatnonzero(live)
+        out[i] = geometric_sum(v0[i], kap[i], s[i], lam[i], last[i], scale[i])
+        return out
     tail = np.maximum(_HEAD, np.ceil(8.0 * s))  # exact terms at the far end, where y^s bends fast
     with np.errstate(divide="ignore", over="ignore"):
         # beyond here the exponential alone has dropped the terms by e^-60
@@ -182,7 +197,7 @@ def geometric_sum(v0: np.ndarray, kap: np.ndarray, s: np.ndarray, lam: np.ndarra
         for order, c in _EM:
             total += c * (db[order] - da[order])
         out[i] = total
-    return out
+    return scale * out
 
 
 __all__ = ["explicit_dots", "geometric_sum"]
