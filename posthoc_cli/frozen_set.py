@@ -21,15 +21,18 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from . import dtensors
 from .container import TensorEntry, read_header
 from .errors import FrozenWeightsError, OutputError, SnapshotFileError
 from .frozen import _METADATA_KEY, FrozenFile, info_record, is_frozen, read_frozen, refuse_foreign
 from .sharding import Chunk, ShardRecord, parse_shard_record, rank_file_name, read_region, saved_offsets_metadata, tiling_problem
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and .dtensors) are imported where tensors are written, compared or copied, not by
+# scans: ``inspect`` of a folder holding a frozen set stays torch-free (issue 14).
 
 FOLDER_NAME = "frozen"  # the sub-folder of the snapshot folder holding the rank files
 
@@ -163,6 +166,7 @@ def write_frozen_set(
     Ownership follows :func:`.dtensors.shard_plan`; a rank owning no chunk writes
     nothing (returns None). No communication.
     """
+    from . import dtensors
     from .container import CODES, AtomicWriter
 
     plan = dtensors.shard_plan(tensors)
@@ -196,6 +200,8 @@ def write_frozen_set(
 
 def _local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
     """Where this rank's part of ``tensor`` starts globally, and that part (a plain tensor)."""
+    from . import dtensors
+
     if dtensors.is_dtensor(tensor):
         (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
         return tuple(int(o) for o in chunk.offsets), dtensors.local(tensor)
@@ -208,6 +214,9 @@ def differing_chunks(stored: FrozenSet, tensors: Mapping[str, torch.Tensor]) -> 
     A complete set is read at each rank's own box (any stored chunking); a rank's
     own file checks only the chunks it holds itself.
     """
+    import torch
+
+    from . import dtensors
     from .container import CODES
 
     out = []
@@ -237,6 +246,8 @@ def differing_chunks(stored: FrozenSet, tensors: Mapping[str, torch.Tensor]) -> 
 
 def copy_set(stored: FrozenSet, sinks: Sequence[Any], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
     """Append every tensor of a complete set to each sink in row-major order, in slices of about ``chunk`` bytes."""
+    import torch
+
     for name, entry in stored.tensors.items():
         shape = entry.shape
         if not shape or entry.numel == 0:

@@ -130,6 +130,34 @@ def test_inspect_shows_the_same_report_without_torch(tmp_path, recorded):
     assert report["series"][0]["parameters"] > 0 and report["grid"]  # dtype table and fit worked
 
 
+def test_inspect_of_a_sharded_recording_with_frozen_layers_does_not_import_torch(tmp_path):
+    """Set folders of rank files and a frozen/ rank-file set (FSDP2 on a 1-rank gloo world) are scanned without torch."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    folder = tmp_path / "ckpts"
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    model[0].requires_grad_(False)  # a frozen layer: stored once, in frozen/rank-00000.safetensors
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with Recorder(model, folder, (0.05, 0.10), snapshot_every=5, async_write=False) as rec:
+            for _ in range(10):
+                rec.update()
+    finally:
+        dist.destroy_process_group()
+    assert (folder / "frozen" / "rank-00000.safetensors").is_file()
+    result, modules = run_traced(tmp_path, "inspect", folder, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["series"][0]["parameters"] == 8 * 4 + 4  # the trainable layer
+    assert report["contents"]["stored_once"]["path"] == str(folder / "frozen")
+    assert report["contents"]["stored_once"]["parameters"] == 8 * 8 + 8  # the frozen one
+    assert "torch" not in modules and "safetensors" not in modules
+
+
 def test_shell_completion_does_not_import_torch(tmp_path):
     env = {"_POSTHOC_EMA_COMPLETE": "complete_bash", "COMP_WORDS": "posthoc-ema in", "COMP_CWORD": "1"}
     result, modules = run_traced(tmp_path, env=env)
