@@ -211,6 +211,29 @@ def test_frozen_weights_changed_in_place_are_noticed(tmp_path):
         rec.update()
 
 
+def test_frozen_weights_replaced_between_snapshots_are_checked_at_the_next_one(tmp_path):
+    """Updates watch only what they average; frozen tensors replaced (assign=True) are followed at the next snapshot."""
+    model = make_adapted()
+    rec = Recorder(model, tmp_path, snapshot_every=10, async_write=False)
+    train(model, [rec], 5)
+    kept = {k: v.detach().clone() for k, v in model.base.state_dict().items()}
+    model.base.load_state_dict(kept, assign=True)  # new tensors, the same values: followed
+    train(model, [rec], 10, seed=2)
+    assert [s.t for s in scan(tmp_path).series[0.05]] == [10]
+    model.base.load_state_dict({k: v + 1.0 for k, v in kept.items()}, assign=True)  # other values
+    with pytest.raises(FrozenWeightsError, match="no longer equal"):
+        train(model, [rec], 10, seed=3)
+
+
+def test_updates_in_grad_mode_build_no_autograd_graph(tmp_path):
+    """update() runs in the training loop's grad mode: its EMAs stay plain tensors, so no graph grows step by step."""
+    model = make_adapted()
+    rec = Recorder(model, tmp_path, snapshot_every=10**9)
+    train(model, [rec], 3)
+    assert torch.is_grad_enabled()
+    assert not any(t.requires_grad or t.grad_fn is not None for ema in rec._emas for t in ema)  # what autograd would hold
+
+
 def test_weights_loaded_after_the_recorder_was_made_are_the_ones_stored(tmp_path):
     model = make_adapted()
     rec = Recorder(model, tmp_path, snapshot_every=10)
