@@ -7,7 +7,8 @@ those bytes of every input and writes the matching bytes of every output, with
 positioned writes into temporary files that rank 0 created at full size. So
 the ranks write disjoint parts of the same files, and the bytes are those of a
 one-process run (rank 0 decides the ``created`` timestamp of the headers and
-shares it). Rank 0 renames the outputs into place only after every rank has
+shares it). Frozen weights stored once (:mod:`.frozen`), which complete outputs
+carry after the averaged tensors, are copied in whole by the last rank. Rank 0 renames the outputs into place only after every rank has
 reported success; if any rank fails, all raise its error and rank 0 removes
 the temporary files, so nothing is left under a final name.
 
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from .container import DTYPES, output_error, tensor_bytes
 from .errors import InvalidValueError, ParallelError, PosthocError
+from .frozen import copy_frozen
 from .merge import (
     Plan,
     Progress,
@@ -188,13 +190,15 @@ class Team:
 
         Yields this rank's progress, then once the progress of all ranks together.
         """
-        # The ranks split the snapshot tensors' bytes; frozen weights stored once (appended to complete
-        # outputs) and outputs that leave buffers out are not split yet. Every rank decides alike from the plan.
-        if frozen_part(p, trainable_only) or (trainable_only and not all(e.is_floating_point for e in p.entries)):
+        # The ranks split the snapshot tensors' bytes; the last rank then appends the frozen weights stored
+        # once (complete outputs), whole. Outputs that leave buffers out (--trainable-only with integer
+        # buffers) are not split yet. Every rank decides alike from the plan.
+        if trainable_only and not all(e.is_floating_point for e in p.entries):
             raise InvalidValueError(
-                "parallel synthesis cannot yet copy frozen weights stored once, nor leave buffers out (--trainable-only)",
+                "parallel synthesis cannot yet leave buffers out (--trainable-only on a model with integer buffers)",
                 "run posthoc-ema synthesize in one process (without torchrun) for this recording",
             )
+        frozen = frozen_part(p, trainable_only)
         writers: list[OutputWriter] = []
         created: list[Path] = []
         committed = False
@@ -202,7 +206,8 @@ class Team:
         def prepare() -> list[list[tuple[Path, int, int]]]:
             check_outputs(p, paths, force, folders=max_shard_size is not None)
             outputs = outputs_for(
-                p, paths, dtype=dtype, accumulate=accumulate, max_shard_size=max_shard_size, created=utc_now()
+                p, paths, dtype=dtype, accumulate=accumulate, max_shard_size=max_shard_size, created=utc_now(),
+                trainable_only=trainable_only,
             )
             for output in outputs:
                 created.extend(make_folders(output.path.parent))
@@ -217,11 +222,20 @@ class Team:
             sinks: list[_PieceSink] = []
             try:
                 sinks = [_PieceSink(target, _out_offset(p, part, dtype)) for target in pieces]
+                copies = frozen if self.rank == self.size - 1 else []
+                extra = sum(e.nbytes for e in copies)
                 for progress in stream(
                     p, sinks, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite, part=part
                 ):
-                    done = (progress.done, progress.total)
-                    yield progress
+                    done = (progress.done, progress.total + extra)
+                    yield Progress(*done, progress.tensor)
+                if copies:
+                    assert p.frozen is not None and p.frozen.file is not None
+                    tails = [_PieceSink(target, _out_offset(p, None, dtype)) for target in pieces]
+                    sinks += tails
+                    for name, nbytes in copy_frozen(p.frozen.file, tails):
+                        done = (done[0] + nbytes, done[1])
+                        yield Progress(*done, name)
                 for sink in sinks:
                     sink.finish()
             except Exception as e:
@@ -268,16 +282,19 @@ def _fingerprint(p: Plan, paths: list[Path]) -> tuple[object, ...]:
     return (p.t, p.sigma_rels, [(s.path.name, s.t, s.sigma_rel) for s in p.inputs], [str(x) for x in paths])
 
 
-def _out_offset(p: Plan, part: tuple[int, int], dtype: str | None) -> int:
-    """Where this part's first output byte lies in a target's data (all files one after another)."""
+def _out_offset(p: Plan, part: tuple[int, int] | None, dtype: str | None) -> int:
+    """Where this part's first output byte lies in a target's data (all files one after another).
+
+    ``part=None``: where the snapshot tensors end (the frozen weights follow).
+    """
     out_dtype = DTYPES[FLOAT_DTYPES[dtype or p.input_dtype]]
-    first = next(part_ranges(p.entries, part), None)
-    if first is None:
+    first = next(part_ranges(p.entries, part), None) if part is not None else None
+    if first is None and part is not None:
         return 0
     offset = 0
     for entry in p.entries:
         size = out_dtype.itemsize if entry.dtype.is_floating_point else entry.dtype.itemsize
-        if entry.name == first[0].name:
+        if first is not None and entry.name == first[0].name:
             return offset + first[1] * size
         offset += entry.numel * size
     return offset

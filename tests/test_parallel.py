@@ -85,6 +85,51 @@ def test_a_sharded_recording_in_parallel_into_one_file(recorded, tmp_path):
     assert header == want_header
 
 
+def record_with_a_frozen_layer(folder: Path, tmp_path: Path, *, sharded: bool) -> None:
+    """A model whose first layer is frozen (stored once): in frozen.safetensors, or as a frozen/ rank-file
+    set when the model is sharded (FSDP2 on a 1-rank gloo world)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.Linear(48, 16))
+    model[0].requires_grad_(False)
+    if sharded:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if sharded:
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with posthoc_cli.Recorder(model, folder, (0.05, 0.10), snapshot_every=5, async_write=False) as rec:
+            for _ in range(20):
+                with torch.no_grad():
+                    for q in model[1].parameters():
+                        q.add_(0.01)
+                rec.update()
+    finally:
+        if sharded:
+            dist.destroy_process_group()
+    assert (folder / ("frozen" if sharded else "frozen.safetensors")).exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["frozen-file", "frozen-set"])
+def test_frozen_weights_are_copied_in_by_the_last_rank(tmp_path, sharded):
+    """Complete outputs (also cut into HF shards) and --trainable-only ones equal one process's bytes."""
+    folder = tmp_path / "ckpts"
+    record_with_a_frozen_layer(folder, tmp_path, sharded=sharded)
+    posthoc_cli.synthesize(folder, [0.12, 0.07], out=tmp_path / "one", max_shard_size=4096)
+    result = torchrun(2, "synthesize", folder, "-s", "0.12", "-s", "0.07", "--max-shard-size", "4096",
+                      "--out", tmp_path / "two", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    same_tree(tmp_path / "one", tmp_path / "two")
+    assert len(list((tmp_path / "two" / "ema-s0.120-t20").glob("*.safetensors"))) > 1  # the frozen part spans shards
+    posthoc_cli.synthesize(folder, 0.12, out=tmp_path / "one.safetensors", trainable_only=True)
+    result = torchrun(2, "synthesize", folder, "-s", "0.12", "--trainable-only", "--out", tmp_path / "two.safetensors", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert normalised(tmp_path / "one.safetensors") == normalised(tmp_path / "two.safetensors")
+    assert not any(name.startswith("0.") for name in read_header(tmp_path / "two.safetensors").tensors)
+
+
 def test_a_rank_failing_midway_stops_all_with_one_error_and_nothing_written(recorded, tmp_path):
     victim = sorted(recorded.glob("*.safetensors"))[-1]
     entry = max(read_header(victim).tensors.values(), key=lambda e: e.begin)  # the last tensor: rank 1's part
