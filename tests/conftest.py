@@ -91,6 +91,34 @@ def record_run(
     return Path(folder)
 
 
+def record_with_a_frozen_layer(folder: Path, tmp_path: Path, *, sharded: bool) -> None:
+    """Linear(48, 48), frozen (stored once), then Linear(48, 16), trained: 20 updates, snapshots every 5. The
+    frozen layer goes to frozen.safetensors, or to a frozen/ rank-file set when ``sharded`` (FSDP2 on a 1-rank
+    gloo world)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.Linear(48, 16))
+    model[0].requires_grad_(False)
+    if sharded:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if sharded:
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with Recorder(model, folder, (0.05, 0.10), snapshot_every=5, async_write=False) as rec:
+            for _ in range(20):
+                with torch.no_grad():
+                    for q in model[1].parameters():
+                        q.add_(0.01)
+                rec.update()
+    finally:
+        if sharded:
+            dist.destroy_process_group()
+    assert (folder / ("frozen" if sharded else "frozen.safetensors")).exists()
+
+
 @pytest.fixture(scope="session")
 def make_model() -> Callable[..., TinyNet]:
     """Factory for the tiny real model: ``make_model(seed=0)``."""

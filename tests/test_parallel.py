@@ -19,6 +19,7 @@ import torch
 
 import posthoc_cli
 from posthoc_cli.container import read_header
+from conftest import record_with_a_frozen_layer
 from test_sharded_synthesis import reshard
 
 TIMEOUT = 120  # seconds for one torchrun
@@ -83,33 +84,6 @@ def test_a_sharded_recording_in_parallel_into_one_file(recorded, tmp_path):
     inputs = header["__metadata__"]["posthoc_ema"].pop("inputs")  # type: ignore[index]
     assert [i["file"] for i in inputs] == [i["file"].removesuffix(".safetensors") for i in want_header["__metadata__"]["posthoc_ema"].pop("inputs")]  # type: ignore[index]
     assert header == want_header
-
-
-def record_with_a_frozen_layer(folder: Path, tmp_path: Path, *, sharded: bool) -> None:
-    """A model whose first layer is frozen (stored once): in frozen.safetensors, or as a frozen/ rank-file
-    set when the model is sharded (FSDP2 on a 1-rank gloo world)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.Linear(48, 16))
-    model[0].requires_grad_(False)
-    if sharded:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        if sharded:
-            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with posthoc_cli.Recorder(model, folder, (0.05, 0.10), snapshot_every=5, async_write=False) as rec:
-            for _ in range(20):
-                with torch.no_grad():
-                    for q in model[1].parameters():
-                        q.add_(0.01)
-                rec.update()
-    finally:
-        if sharded:
-            dist.destroy_process_group()
-    assert (folder / ("frozen" if sharded else "frozen.safetensors")).exists()
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["frozen-file", "frozen-set"])

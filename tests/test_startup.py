@@ -33,6 +33,7 @@ from posthoc_cli import Recorder, container, read_snapshot
 from posthoc_cli.container import AtomicWriter
 from posthoc_cli.dtypes import SAFETENSORS_DTYPES, torch_dtype, unit_roundoff
 from posthoc_cli.cli import TENSOR_COMMANDS, app
+from conftest import record_with_a_frozen_layer
 
 TIMEOUT = 300  # seconds for any one run; generous for a loaded 2-core machine
 
@@ -132,29 +133,15 @@ def test_inspect_shows_the_same_report_without_torch(tmp_path, recorded):
 
 def test_inspect_of_a_sharded_recording_with_frozen_layers_does_not_import_torch(tmp_path):
     """Set folders of rank files and a frozen/ rank-file set (FSDP2 on a 1-rank gloo world) are scanned without torch."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     folder = tmp_path / "ckpts"
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
-    model[0].requires_grad_(False)  # a frozen layer: stored once, in frozen/rank-00000.safetensors
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with Recorder(model, folder, (0.05, 0.10), snapshot_every=5, async_write=False) as rec:
-            for _ in range(10):
-                rec.update()
-    finally:
-        dist.destroy_process_group()
+    record_with_a_frozen_layer(folder, tmp_path, sharded=True)  # Linear(48, 48) frozen, Linear(48, 16) trained
     assert (folder / "frozen" / "rank-00000.safetensors").is_file()
     result, modules = run_traced(tmp_path, "inspect", folder, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["series"][0]["parameters"] == 8 * 4 + 4  # the trainable layer
+    assert report["series"][0]["parameters"] == 48 * 16 + 16  # the trainable layer
     assert report["contents"]["stored_once"]["path"] == str(folder / "frozen")
-    assert report["contents"]["stored_once"]["parameters"] == 8 * 8 + 8  # the frozen one
+    assert report["contents"]["stored_once"]["parameters"] == 48 * 48 + 48  # the frozen one
     assert "torch" not in modules and "safetensors" not in modules
 
 
