@@ -49,20 +49,31 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 def refuse_unsupported(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Legacy FSDP (flat parameters) and DeepSpeed hide the model's real tensors: say so instead of averaging garbage."""
     refuse_old_torch(state)
-    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
-    flat = sys.modules.get("torch.distributed.fsdp._flat_param")
-    if (fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules())) or (
-        flat is not None and any(isinstance(t, flat.FlatParameter) for t in state.values())
-    ):
+    if _fsdp1(model, state):
         raise InvalidValueError(
-            "the model is wrapped in legacy FullyShardedDataParallel (FSDP1, flat parameters), which the Recorder does not support",
-            "shard it with torch.distributed.fsdp.fully_shard (FSDP2) instead, or record the unwrapped model",
+            "the model is (or is inside) legacy FullyShardedDataParallel (FSDP1): its parameters are views of flat "
+            "shards, not the model's tensors, which the Recorder does not support",
+            "shard the model with torch.distributed.fsdp.fully_shard (FSDP2) instead of FullyShardedDataParallel",
         )
     if any(hasattr(t, "ds_id") or hasattr(t, "ds_tensor") for t in state.values()) or type(model).__module__.startswith("deepspeed"):
         raise InvalidValueError(
             "the model is managed by DeepSpeed (ZeRO partitioned parameters), which the Recorder does not support",
             "use torch.distributed's fully_shard (FSDP2) or DDP, or record the unwrapped model",
         )
+
+
+def _fsdp1(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether FSDP1 manages ``model``: the wrapper, its flat parameters, or (for a module taken out of
+    the wrapper, ``use_orig_params=True``) the parameters it re-pointed at flat-shard views, which FSDP1
+    marks ``_fsdp_flattened`` (FSDP2 never does)."""
+    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    flat = sys.modules.get("torch.distributed.fsdp._flat_param")
+    if fsdp1 is None and flat is None:
+        return False  # FSDP1 was never imported: nothing can be managed by it
+    if fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules()):
+        return True
+    tensors = [*state.values(), *model.parameters()]
+    return any(getattr(t, "_fsdp_flattened", False) or (flat is not None and isinstance(t, flat.FlatParameter)) for t in tensors)
 
 
 def spec(tensor: torch.Tensor) -> tuple[Any, ...] | None:

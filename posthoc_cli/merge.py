@@ -1,9 +1,10 @@
 """Streaming synthesis: a weighted sum of snapshot files, one tensor slice at a time.
 
 For each slice of each tensor the inputs' bytes form the rows of one matrix
-``X`` (``[inputs, n]``) and every target comes out of one product ``Wᵀ X``
-(``[targets, n]``), so each input byte is read once however many targets there
-are. On Linux the rows are the page cache itself, mapped side by side
+``X`` (``[inputs, n]``) and every target comes out of ``Wᵀ X`` (``[targets, n]``),
+summed input by input in a fixed order (:func:`_product`), so each input byte is
+read once however many targets there are, and a target's bits depend on its
+inputs alone. On Linux the rows are the page cache itself, mapped side by side
 (:mod:`.mapping`); elsewhere they are read into a reused buffer. A helper
 thread maps (or reads) slice k+1 while slice k is multiplied, and another writes
 the products of slice k-1. Memory is a few buffers of :data:`SLICE_BYTES`: it
@@ -495,9 +496,7 @@ def stream(
     entries = _output_entries(p, trainable_only)
     acc = dtypes.torch_dtype(ACCUMULATE[accumulate])
     n, m = len(p.inputs), len(sinks)
-    # One target gets a zero row as company: see _product.
-    w_t = torch.zeros(max(m, 2), n, dtype=acc)  # => [rows, inputs]
-    w_t[:m] = torch.from_numpy(np.ascontiguousarray(p.fit.weights.T))
+    w_t = torch.from_numpy(np.ascontiguousarray(p.fit.weights.T)).to(acc)  # => [targets, inputs]
     latest = p.inputs.index(p.fixed_from) if p.fixed_from in p.inputs else None
     everything, fixed = list(range(n)), [latest if latest is not None else n]
 
@@ -571,28 +570,29 @@ def _quietly(close: Callable[[], None]) -> None:
 
 
 def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], out: torch.Tensor) -> None:
-    """``out = Wᵀ X`` summed over the groups of input rows (one group in the common case).
+    """``out = Wᵀ X``, each element summed over the inputs in their fixed order.
 
-    A target's values must not depend on which other targets share the pass, nor on
-    where the slices end. BLAS rounds a product with a side of length 1 differently
-    (a matrix-vector kernel), so neither side may be 1: ``w_t`` has at least two rows,
-    and a one-element slice is computed next to a copy of itself.
+    ``y = w₀x₀``, then ``y += wᵢxᵢ`` input by input, every product and every sum
+    rounded on its own in the accumulation dtype. A matrix product would sum in
+    an order its kernel picks (by CPU, by shape: the number of targets, where a
+    slice ends), so a target's bits would depend on what else shares the pass,
+    on the rank split and on the machine. Here they depend on the inputs alone.
     """
     import torch
 
-    single = out.shape[1] == 1
-    shape = (out.shape[0], 2) if single else out.shape
-    y = out if out.dtype == w_t.dtype and not single else torch.empty(shape, dtype=w_t.dtype)
-    for g, (members, x) in enumerate(groups):
-        w = w_t[:, members]  # => [rows, len(members)]
-        x = x if x.dtype == w_t.dtype else x.to(w_t.dtype)
-        x = torch.cat([x, x], dim=1) if single else x
-        if g == 0:
-            torch.mm(w, x, out=y)
-        else:
-            y.addmm_(w, x)
+    rows: dict[int, torch.Tensor] = {}  # input index -> its row, whatever group it came in
+    for members, x in groups:
+        if x.dtype.itemsize > w_t.dtype.itemsize:
+            x = x.to(w_t.dtype)  # wider inputs are rounded first; narrower ones widen exactly in mul
+        rows.update(zip(members, x.split(1)))
+    y = out if out.dtype == w_t.dtype else torch.empty(out.shape, dtype=w_t.dtype)
+    term = torch.empty_like(y) if len(rows) > 1 else y
+    for k, i in enumerate(sorted(rows)):
+        torch.mul(w_t[:, i : i + 1], rows[i], out=y if k == 0 else term)
+        if k:
+            y.add_(term)
     if y is not out:
-        out.copy_(y[:, :1] if single else y)  # rounds to the output dtype
+        out.copy_(y)  # rounds to the output dtype
 
 
 def _all_finite(y: torch.Tensor) -> bool:

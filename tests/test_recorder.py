@@ -359,3 +359,25 @@ def test_model_without_float_tensors_is_refused(tmp_path):
     model.register_buffer("count", torch.zeros(3, dtype=torch.int64))
     with pytest.raises(InvalidValueError, match="no floating-point"):
         Recorder(model, tmp_path)
+
+
+@pytest.mark.parametrize("form", ["wrapper", "inner-orig-params", "inner-flat-params"])
+def test_fsdp1_is_refused_in_every_form(tmp_path: Path, form: str) -> None:
+    """FSDP1 (FullyShardedDataParallel) re-points a model's parameters at flat-shard views: refused at
+    construction, naming fully_shard, whether the Recorder gets the wrapper or the module inside it (its
+    parameters then look like plain tensors of the wrong shapes, or are one flat parameter)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        wrapped = FSDP(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)), use_orig_params=form != "inner-flat-params", device_id=torch.device("cpu"))
+        wrapped(torch.randn(2, 8)).sum().backward()
+        model = wrapped if form == "wrapper" else wrapped.module
+        with pytest.raises(InvalidValueError, match=r"FSDP1.* — shard the model with torch\.distributed\.fsdp\.fully_shard \(FSDP2\)"):
+            Recorder(model, tmp_path / "ckpts", (0.05, 0.10), async_write=False)
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "ckpts").exists() or not any((tmp_path / "ckpts").iterdir())
