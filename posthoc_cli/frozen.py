@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .container import Header, TensorEntry, read_header
+from .dtypes import SAFETENSORS_DTYPES
 from .errors import CatalogueError, FrozenWeightsError, ResumeError, SnapshotFileError
 
 if TYPE_CHECKING:
@@ -300,10 +302,11 @@ def contents_report(catalogue: Catalogue) -> tuple[dict[str, Any], list[str]]:
         return {}, []
     latest = snaps[-1]
 
-    def part(entries: Sequence[TensorEntry]) -> dict[str, int]:
-        return {"tensors": len(entries), "parameters": sum(e.numel for e in entries), "bytes": sum(e.nbytes for e in entries)}
+    def part(shapes: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+        counts = [(math.prod(shape), SAFETENSORS_DTYPES[code].itemsize) for code, shape in shapes]
+        return {"tensors": len(counts), "parameters": sum(n for n, _ in counts), "bytes": sum(n * size for n, size in counts)}
 
-    entries = list(latest.tensors.values())
+    entries = list(latest.layout.values())  # global shapes: a sharded snapshot counts all its rank files, not rank 0's
     ident = snapshot_frozen_id(latest)
     file = next((f for f in catalogue.frozen if f.id == ident), None)
     problems = []
@@ -313,9 +316,9 @@ def contents_report(catalogue: Catalogue) -> tuple[dict[str, Any], list[str]]:
             "complete outputs cannot be made (--trainable-only still works)"
         )
     report: dict[str, Any] = {
-        "averaged": part([e for e in entries if e.is_floating_point]),
-        "as_is": part([e for e in entries if not e.is_floating_point]),
-        "stored_once": None if file is None else {"path": str(file.path), **part(list(file.tensors.values()))},
+        "averaged": part([e for e in entries if SAFETENSORS_DTYPES[e[0]].is_floating_point]),
+        "as_is": part([e for e in entries if not SAFETENSORS_DTYPES[e[0]].is_floating_point]),
+        "stored_once": None if file is None else {"path": str(file.path), **part([(e.code, e.shape) for e in file.tensors.values()])},
         "frozen_id": ident,
         "unused_frozen_files": [str(f.path) for f in catalogue.frozen if f is not file],
     }

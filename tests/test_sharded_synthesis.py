@@ -7,6 +7,7 @@ cut them, with world sizes changing over the run.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,26 @@ def test_a_missing_rank_file_is_an_incomplete_set_skipped_not_an_error(recorded,
     assert result.exit_code == 0 and "Warning: 1 incomplete sharded snapshot(s)" in result.stderr
     (recorded / "ema-s0.050-t000000000100.safetensors").unlink()
     assert same_bits(safetensors.torch.load_file(tmp_path / "o.safetensors"), posthoc_cli.load_synthesized(recorded, 0.15))
+
+
+def test_inspect_counts_whole_sharded_snapshots(recorded, tmp_path):
+    """Values and bytes of a sharded snapshot are summed over its rank files: the same as the single files it was cut
+    from, in the table, the text and --json alike (inspect once counted rank 0's file alone)."""
+    import json
+    import subprocess
+    import sys
+
+    sharded = reshard(recorded, tmp_path / "sharded", [2, "c2", 3])
+
+    def inspect(folder: Path, *flags: str) -> str:
+        command = [sys.executable, "-m", "posthoc_cli", "inspect", str(folder), *flags]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    single, whole = json.loads(inspect(recorded, "--json")), json.loads(inspect(sharded, "--json"))
+    assert whole["contents"]["averaged"] == single["contents"]["averaged"]
+    assert whole["contents"]["as_is"] == single["contents"]["as_is"]
+    assert [s["parameters"] for s in whole["series"]] == [s["parameters"] for s in single["series"]]
+    values = single["contents"]["averaged"]["parameters"]
+    assert f"averages {single['contents']['averaged']['tensors']} tensors ({values:,} values" in inspect(sharded)
