@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import statistics
@@ -40,6 +41,22 @@ def load_ours() -> tuple[ModuleType | None, str]:
     except Exception as exc:  # noqa: BLE001  (any failure means "not ready yet")
         return None, f"not importable yet ({type(exc).__name__}: {exc})"
     return posthoc_cli, getattr(posthoc_cli, "__version__", "?")
+
+
+def load_baseline(root: str) -> ModuleType:
+    """Another checkout's ``posthoc_cli`` (``root``/posthoc_cli), imported as ``posthoc_baseline`` beside ours.
+
+    Its modules import each other relatively, so both versions live in one process and
+    an A/B of the two is interleaved like any other pair of cases.
+    """
+    init = Path(root) / "posthoc_cli" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("posthoc_baseline", init, submodule_search_locations=[str(init.parent)])
+    if spec is None or spec.loader is None or not init.is_file():
+        raise SystemExit(f"--baseline {root}: no posthoc_cli package there")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["posthoc_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_peer(module: str, dist: str) -> tuple[ModuleType | None, str]:

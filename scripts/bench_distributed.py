@@ -4,14 +4,18 @@ The update half (issue 10), in :func:`bench_fsdp2_update`:
 
 - ``update()`` of a Recorder (2 sigma_rels) against the floor: two bare
   ``torch._foreach_lerp_`` calls over the same local shards (medians of
-  ``--repeats`` interleaved blocks; target <= 1.10x);
+  ``--repeats`` interleaved blocks; target <= 1.10x), for the large model
+  (``--layers`` x ``--width``) and for 300 small tensors (150 Linear layers of
+  width 64: what the per-tensor cost of an update shows most); with
+  ``--baseline PATH`` also the Recorder of the checkout at PATH on the same
+  model, in the same rounds (an A/B, e.g. against the previous commit);
 - collectives per ``update()`` and per snapshot, counted by a dispatch mode that
   sees every c10d op and by wrappers of torch.distributed's functions (target 0;
   the forward/backward pass is counted too, as a control that the counter works);
 - bytes written per rank per snapshot against its share of the model (float32
   local shards, both EMAs; target within 1 %).
 
-    python scripts/bench_distributed.py [--quick] [--repeats N]
+    python scripts/bench_distributed.py [--quick] [--repeats N] [--baseline PATH] [--only large|small]
 
 The synthesis half, in :func:`bench_parallel_synthesis`: a real ``nn.Module`` of
 ``--model-mb`` MB (float32 Linear(1024, 1024) layers) recorded by a Recorder with
@@ -119,11 +123,18 @@ def _fsdp2_rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
     rec = Recorder(model, folder, sigma_rels=SIGMA_RELS, snapshot_every=10**12)
     local = [p._local_tensor for p in model.parameters()]  # the same local shards the Recorder reads
     floor_emas = [[t.clone() for t in local] for _ in SIGMA_RELS]
-    rec.update()  # the first update is a copy
 
     def floor() -> None:
         for ema in floor_emas:
             torch._foreach_lerp_(ema, local, 0.01)
+
+    rec.update()  # the first update is a copy
+    cases = {"floor": floor, "update": rec.update}
+    if args["baseline"]:
+        old = B.load_baseline(args["baseline"]).Recorder(model, Path(args["folder"] + "-baseline"), sigma_rels=SIGMA_RELS,
+                                                         snapshot_every=10**12)
+        old.update()
+        cases["baseline"] = old.update
 
     def block(fn) -> B.Case:  # type: ignore[no-untyped-def]
         def case() -> float:
@@ -135,7 +146,7 @@ def _fsdp2_rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
         return case
 
-    times = B.run_interleaved({"floor": block(floor), "update": block(rec.update)}, args["repeats"], warmup=1)
+    times = B.run_interleaved({k: block(fn) for k, fn in cases.items()}, args["repeats"], warmup=1)
 
     # Collectives: the control (a training step) and the claim (updates and a snapshot).
     before = counter.count
@@ -154,11 +165,13 @@ def _fsdp2_rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
         rec.flush()
     in_snapshot = counter.count - before
     rec.close()
+    if args["baseline"]:
+        old.close()
 
     written = sum(p.stat().st_size for p in folder.glob(f"*/rank-{rank:05d}.safetensors"))
     share = sum(t.numel() for t in local) * 4 * len(SIGMA_RELS)
     Path(f"{out}-{rank}.json").write_text(json.dumps({
-        "floor": B.median(times["floor"]), "update": B.median(times["update"]),
+        **{k: B.median(v) for k, v in times.items()},
         "in_step": in_step, "in_updates": in_updates / 10, "in_snapshot": in_snapshot,
         "written": written, "share": share,
     }))
@@ -172,32 +185,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_fsdp2_update(layers: int, width: int, steps: int, repeats: int, world: int = 2) -> list[dict]:
+def bench_fsdp2_update(layers: int, width: int, steps: int, repeats: int, world: int = 2,
+                       baseline: str | None = None) -> list[dict]:
     """Run :func:`_fsdp2_rank` on ``world`` CPU ranks; the per-rank figures."""
     with tempfile.TemporaryDirectory(prefix="posthoc-bench-dist-") as tmp:
         out = str(Path(tmp) / "figures")
-        args = {"layers": layers, "width": width, "steps": steps, "repeats": repeats, "folder": str(Path(tmp) / "ckpts")}
+        args = {"layers": layers, "width": width, "steps": steps, "repeats": repeats, "folder": str(Path(tmp) / "ckpts"),
+                "baseline": baseline}
         mp.spawn(_fsdp2_rank, args=(world, _free_port(), args, out), nprocs=world, join=True)
         return [json.loads(Path(f"{out}-{r}.json").read_text()) for r in range(world)]
 
 
 def print_fsdp2_update(figures: list[dict], layers: int, width: int, steps: int, repeats: int) -> None:
     n_bytes = sum(f["share"] for f in figures) // len(SIGMA_RELS)
+    ab = "baseline" in figures[0]
     rows = []
     for rank, f in enumerate(figures):
         rows.append([
             rank, B.fmt_s(f["floor"]), B.fmt_s(f["update"]), B.fmt_x(B.ratio(f["update"], f["floor"])),
+            *([B.fmt_x(B.ratio(f["baseline"], f["floor"]))] if ab else []),
             f"{f['in_step']}", f"{f['in_updates']:g}", f"{f['in_snapshot']}",
             B.fmt_mb(f["written"]), B.fmt_mb(f["share"]), f"{100 * (f['written'] / f['share'] - 1):+.2f} %",
         ])
     B.print_table(
         f"FSDP2 on {len(figures)} CPU ranks (gloo): {layers} Linear layers of width {width} = {B.fmt_mb(n_bytes)} float32, "
-        f"2 EMAs, {steps} updates/block, median of {repeats}",
-        ["rank", "floor/update", "update()", "x floor", "coll./train step", "coll./update", "coll./snapshot",
+        f"= {2 * layers} tensors, 2 EMAs, {steps} updates/block, median of {repeats}",
+        ["rank", "floor/update", "update()", "x floor", *(["baseline x floor"] if ab else []), "coll./train step", "coll./update", "coll./snapshot",
          "written/snapshot", "share (2 EMAs)", "written vs share"],
         rows,
     )
     worst = max(B.ratio(f["update"], f["floor"]) or 0 for f in figures)
+    if ab:
+        print(f"  baseline: worst update()/floor = {B.fmt_x(max(B.ratio(f['baseline'], f['floor']) or 0 for f in figures))}; "
+              f"update()/baseline per rank = {', '.join(B.fmt_x(B.ratio(f['update'], f['baseline'])) for f in figures)}")
     zero = all(f["in_updates"] == 0 and f["in_snapshot"] == 0 for f in figures)
     print(f"  worst update()/floor = {B.fmt_x(worst)} (target <= 1.10); collectives per update and snapshot: "
           f"{'0' if zero else 'NOT 0'} (target 0); bytes written within {max(abs(f['written'] / f['share'] - 1) for f in figures) * 100:.2f} % of the share (target 1 %)")
@@ -301,6 +321,8 @@ def main() -> None:
     p = B.parser(__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=16, help="Linear layers of the FSDP2 model (16)")
     p.add_argument("--width", type=int, default=768, help="their width (768: 16 x 768² x 4 B = 38 MB)")
+    p.add_argument("--baseline", default=None, help="update: also time the Recorder of the checkout at PATH (A/B)")
+    p.add_argument("--only", choices=("large", "small"), default=None, help="update: one model (default both)")
     p.add_argument("--half", choices=("update", "synthesis", "both"), default="both", help="which half to run")
     p.add_argument("--model-mb", type=int, default=64, help="synthesis: model size (64 MB)")
     p.add_argument("--snapshots", type=int, default=20, help="synthesis: snapshots per sigma_rel (20)")
@@ -310,7 +332,11 @@ def main() -> None:
     layers = args.layers // 2 if args.quick else args.layers
     steps = 5 if args.quick else 10
     if args.half != "synthesis":
-        print_fsdp2_update(bench_fsdp2_update(layers, args.width, steps, repeats), layers, args.width, steps, repeats)
+        models = {"large": (layers, args.width, steps), "small": (150, 64, 40 if args.quick else 80)}
+        for name, (n, width, k) in models.items():
+            if args.only in (None, name):
+                figures = bench_fsdp2_update(n, width, k, repeats, baseline=args.baseline)
+                print_fsdp2_update(figures, n, width, k, repeats)
     if args.half != "update":
         model_mb, snapshots = (8, 5) if args.quick else (args.model_mb, args.snapshots)
         print(f"\nparallel synthesis: 2 x {snapshots} snapshots of a {model_mb} MB model, one target, medians of {repeats}")

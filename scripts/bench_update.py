@@ -6,15 +6,20 @@ replacing the installed torch; pytorch-posthoc-ema imports PIL at import time):
     pip install --no-deps ema-pytorch pytorch-posthoc-ema
     pip install pillow
 
-What is measured, per update, for two model shapes (64 large tensors; 1,200 small ones):
+What is measured, per update, for three model shapes (64 large tensors; 1,200 and 300 small ones):
 
 - floor: two plain ``torch._foreach_lerp_`` calls (one per EMA) over pre-built lists of
   the same float32 tensors, the least any two-EMA update can cost;
+- one fused call: a single ``torch._foreach_lerp_`` over both EMAs' tensors with a list of
+  weights (the ScalarList overload), on the floor's lists;
 - posthoc-ema: ``Recorder(model, dir, sigma_rels=(0.05, 0.10), snapshot_every=huge).update()``;
 - ema-pytorch: ``PostHocEMA(model, sigma_rels=(0.05, 0.10), update_every=1,
   checkpoint_every_num_steps="manual").update()``;
 - pytorch-posthoc-ema: ``PostHocEMA.from_model(model, dir, sigma_rels=(0.05, 0.10),
   update_every=1, update_after_step=0, checkpoint_every=huge).update_(model)``.
+
+- baseline (``--baseline PATH``): the Recorder of another checkout (e.g. the previous
+  commit), imported beside ours (``_bench.load_baseline``) and timed in the same rounds.
 
 No snapshot or checkpoint is written while timing. Each timed block is ``--steps`` calls
 (with ``--device cuda`` the device is synchronised before and after a block); the table
@@ -25,7 +30,7 @@ to show whether its update synchronises with the host.
 Targets (issue 4): posthoc-ema <= 1.10x floor on both shapes; ema-pytorch / posthoc-ema
 >= 3 on the 1,200-tensor model; on a GPU, zero host syncs and <= 1.2x floor.
 
-    python scripts/bench_update.py [--quick] [--repeats N] [--device cuda]
+    python scripts/bench_update.py [--quick] [--repeats N] [--device cuda] [--baseline PATH] [--only 300]
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class Flat(nn.Module):
         self.params = nn.ParameterList(nn.Parameter(torch.randn(shape, device=device)) for _ in range(count))
 
 
-def make_updaters(model: nn.Module, tmp: Path, closers: list[Callable[[], object]]
+def make_updaters(model: nn.Module, tmp: Path, closers: list[Callable[[], object]], baseline: str | None = None
                   ) -> dict[str, Callable[[], object] | str]:
     """One zero-argument update function per contender, or a string saying why it is skipped."""
     out: dict[str, Callable[[], object] | str] = {}
@@ -77,6 +82,16 @@ def make_updaters(model: nn.Module, tmp: Path, closers: list[Callable[[], object
 
     out["floor (2x _foreach_lerp_)"] = floor
 
+    # Both EMAs in one call, one weight per tensor (the ScalarList overload): fewer calls, but on
+    # the CPU each tensor's lerp costs more than with one Scalar (measured 1.1-1.3x the floor).
+    both_emas, both_src = [t for ema in floor_emas for t in ema], src * len(SIGMA_RELS)
+    weights = [w for w in (0.01, 0.02) for _ in src]
+
+    def fused() -> None:
+        torch._foreach_lerp_(both_emas, both_src, weights)
+
+    out["1x _foreach_lerp_, ScalarList"] = fused
+
     ours, why = B.load_ours()
     if ours is None:
         out["posthoc-ema"] = why
@@ -84,6 +99,10 @@ def make_updaters(model: nn.Module, tmp: Path, closers: list[Callable[[], object
         rec = ours.Recorder(model, tmp / "ours", sigma_rels=SIGMA_RELS, snapshot_every=NEVER)
         out["posthoc-ema"] = rec.update
         closers.append(rec.close)
+    if baseline:
+        old = B.load_baseline(baseline).Recorder(model, tmp / "baseline", sigma_rels=SIGMA_RELS, snapshot_every=NEVER)
+        out["baseline"] = old.update
+        closers.append(old.close)
 
     ep, why = B.load_peer("ema_pytorch", "ema-pytorch")
     if ep is None:
@@ -115,13 +134,13 @@ def sync_check(fn: Callable[[], object]) -> str:
 
 
 def bench_shape(label: str, count: int, shape: tuple[int, ...], steps: int, repeats: int,
-                device: torch.device) -> None:
+                device: torch.device, baseline: str | None = None) -> None:
     model = Flat(count, shape, device)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="posthoc-bench-update-") as tmp:
         closers: list[Callable[[], object]] = []
-        updaters = make_updaters(model, Path(tmp), closers)
+        updaters = make_updaters(model, Path(tmp), closers, baseline)
         runnable = {k: v for k, v in updaters.items() if callable(v)}
 
         def block(fn: Callable[[], object]) -> B.Case:
@@ -159,6 +178,8 @@ def bench_shape(label: str, count: int, shape: tuple[int, ...], steps: int, repe
         B.print_table(f"{label}: {count} x {'x'.join(map(str, shape))} float32 = {B.fmt_mb(n_bytes)}, "
                       f"2 EMAs, {device}, {steps} updates/block, median of {repeats}", headers, rows)
         summary = [f"posthoc-ema / floor = {B.fmt_x(B.ratio(ours, floor))} (target <= 1.10)"]
+        if "baseline" in med:
+            summary.append(f"baseline / floor = {B.fmt_x(B.ratio(med['baseline'], floor))}")
         for peer in ("ema-pytorch", "pytorch-posthoc-ema"):
             if peer in med:
                 target = " (target >= 3 on 1,200 tensors)" if peer == "ema-pytorch" else ""
@@ -173,7 +194,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--steps", type=int, default=None, help="updates per timed block (default: by shape)")
     p.add_argument("--large-side", type=int, default=512, help="the 64 large tensors are SIDE x SIDE (512)")
-    p.add_argument("--small-side", type=int, default=64, help="the 1,200 small tensors are SIDE x SIDE (64)")
+    p.add_argument("--small-side", type=int, default=64, help="the 1,200 and 300 small tensors are SIDE x SIDE (64)")
+    p.add_argument("--baseline", default=None, help="also time the Recorder of the checkout at PATH (A/B)")
+    p.add_argument("--only", choices=("64", "1200", "300"), default=None, help="run one shape (by tensor count)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -190,10 +213,15 @@ def main() -> None:
     with torch.no_grad():
         # 64 x 512x512 = 64 MB and 1,200 x 64x64 = 19 MB by default; --quick halves the large model.
         large_count = 32 if args.quick else 64
-        bench_shape("large tensors", large_count, (args.large_side,) * 2,
-                    args.steps or (5 if args.quick else 10), repeats, device)
-        bench_shape("small tensors", 1200, (args.small_side,) * 2,
-                    args.steps or (10 if args.quick else 20), repeats, device)
+        if args.only in (None, "64"):
+            bench_shape("large tensors", large_count, (args.large_side,) * 2,
+                        args.steps or (5 if args.quick else 10), repeats, device, args.baseline)
+        if args.only in (None, "1200"):
+            bench_shape("small tensors", 1200, (args.small_side,) * 2,
+                        args.steps or (10 if args.quick else 20), repeats, device, args.baseline)
+        if args.only in (None, "300"):  # where a per-tensor cost of the update shows most
+            bench_shape("300 small tensors", 300, (args.small_side,) * 2,
+                        args.steps or (40 if args.quick else 80), repeats, device, args.baseline)
 
 
 if __name__ == "__main__":
