@@ -186,7 +186,7 @@ def _default_t_reason(catalogue: Catalogue) -> str | None:
 def _refuse_poor(targets: Sequence[Target], errors: np.ndarray, usable: list[Snapshot], t: int, complete_t: int) -> None:
     """Raise :class:`PoorTargetError` for the first target above :data:`POOR`, saying what the snapshots do reproduce.
 
-    ``complete_t``: the latest time every series reached; a later ``t`` is suggested it."""
+    ``complete_t``: the latest time every series reached, suggested when ``t`` is later."""
     poor = [(target, float(e)) for target, e in zip(targets, errors) if e > POOR]
     if not poor:
         return
@@ -235,7 +235,7 @@ class Progress:
     done: int
     total: int
     tensor: str
-    seconds: float = 0.0  # since streaming began: start-up (importing torch) and planning not counted
+    seconds: float = 0.0  # of synthesis work (set by synthesize_iter): start-up (importing torch) and planning not counted
 
 
 class _Sink(Protocol):

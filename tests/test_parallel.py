@@ -123,7 +123,7 @@ def test_a_poor_target_is_refused_on_every_rank_before_anything_is_written(recor
     before = {p.name: p.read_bytes() for p in recorded.iterdir()}
     out = tmp_path / "out"
     result = torchrun(2, "synthesize", recorded, "-s", "0.12", "--beta", "0.9999", "--out", out, "--json", cwd=tmp_path)
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode != 0 and result.stdout == ""  # torchrun reports a failed rank with its own code
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and errors[0].startswith("Error: beta=0.9999: profile error "), result.stderr
     assert errors[0].endswith("pass --allow-poor to write it anyway")
