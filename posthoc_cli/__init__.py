@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
         NonFiniteError,
         OutputError,
         ParallelError,
+        PoorTargetError,
         PosthocError,
         ResumeError,
         SnapshotFileError,
@@ -56,7 +57,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
 # with plain import statements: no string ever chooses what is imported.
 _ERRORS = frozenset(
     {"CatalogueError", "FrozenWeightsError", "InvalidValueError", "ModelChangedError", "NonFiniteError", "OutputError",
-     "ParallelError", "PosthocError", "ResumeError",
+     "ParallelError", "PoorTargetError", "PosthocError", "ResumeError",
      "SnapshotFileError", "WriterError"}
 )
 _PROFILES = frozenset(
@@ -97,6 +98,7 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "ParallelError",
+    "PoorTargetError",
     "PosthocError",
     "Recorder",
     "ResumeError",

@@ -17,7 +17,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -174,7 +173,8 @@ def synthesize(
     ema: Specs = None,
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
     step: Annotated[
-        int | None, typer.Option("--step", "-t", help="Target training time (default: the latest snapshot).")
+        int | None,
+        typer.Option("--step", "-t", help="Target training time (default: the latest at which every sigma_rel has a snapshot)."),
     ] = None,
     out: Annotated[
         str | None,  # a str, not a Path: a trailing slash ("--out new/") says "a folder"
@@ -190,6 +190,10 @@ def synthesize(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Write the result even if it holds NaN or Inf.")
+    ] = False,
+    allow_poor: Annotated[
+        bool,
+        typer.Option("--allow-poor", help=f"Write targets the snapshots reproduce poorly (profile error > {POOR:g}) too."),
     ] = False,
     trainable_only: Annotated[
         bool,
@@ -214,6 +218,8 @@ def synthesize(
     safetensors file per target, tensor by tensor, in a single pass over the
     inputs. The result loads with model.load_state_dict(safetensors.torch.load_file(path)):
     frozen weights stored once are copied in, bit for bit, unless --trainable-only.
+    A target with a profile error above 0.05 is refused (the error says which lengths
+    the snapshots reproduce) unless --allow-poor.
     An existing output is kept unless --force is given; a failed run leaves no output.
     """
     with _user_errors("interrupted — no output was written"), contextlib.ExitStack() as stack:
@@ -231,24 +237,24 @@ def synthesize(
             max_shard_size=max_shard_size, trainable_only=trainable_only,
         )
         if team is None:
-            p = plan(folder, targets, t=step)
+            p = plan(folder, targets, t=step, allow_poor=allow_poor)
             paths = output_paths(p, out, max_shard_size=max_shard_size)
         else:
-            p, paths = team.plan_outputs(folder, targets, t=step, out=out, max_shard_size=max_shard_size)
-        started = time.perf_counter()
+            p, paths = team.plan_outputs(
+                folder, targets, t=step, out=out, max_shard_size=max_shard_size, allow_poor=allow_poor
+            )
         steps = synthesize_iter(p, paths, **options) if team is None else team.synthesize_iter(p, paths, **options)
-        total = 0
+        total, seconds = 0, 0.0
         try:
             with _progress(enabled=sys.stderr.isatty() and (team is None or team.rank == 0)) as bar:
                 task = bar.add_task("synthesizing", total=None) if bar else None
                 for progress in steps:
-                    total = progress.total
+                    total, seconds = progress.total, progress.seconds  # the work alone: no start-up, no planning
                     if bar is not None and task is not None:
                         bar.update(task, completed=progress.done, total=progress.total)
         finally:
             # Closing the generator now (not at garbage collection) removes the temporary files at once.
             getattr(steps, "close", lambda: None)()
-        seconds = time.perf_counter() - started
         warnings = _synthesis_warnings(p)
         if team is not None and team.rank != 0:
             return
@@ -330,8 +336,9 @@ def _synthesis_document(
         "time_unit": p.fixed_from.time_unit,
         "dtype": dtype or p.input_dtype,
         "accumulate": accumulate,
+        "t_reason": p.t_reason,  # why t is earlier than the newest snapshot (null when it is not)
         "bytes_read": total,
-        "seconds": round(seconds, 4),
+        "synthesis_seconds": round(seconds, 4),  # from the start of streaming to the outputs in place
         "inputs": [{"file": str(s.path), "sigma_rel": s.sigma_rel, "t": s.t} for s in p.inputs],
         "outputs": [
             {
@@ -357,8 +364,10 @@ def _print_synthesis(p: Plan, paths: list[Path], total: int, seconds: float) -> 
     console.print(
         f"Synthesized {n} EMA{'s' if n > 1 else ''} at t={p.t} ({escape(p.fixed_from.time_unit)}) "
         f"from {len(p.inputs)} snapshot{'s' if len(p.inputs) > 1 else ''} in {escape(str(p.folder))}: "
-        f"{human_bytes(total)} read in {seconds:.2f} s"
+        f"{human_bytes(total)} read in {seconds:.2f} s of synthesis"
     )
+    if p.t_reason:
+        console.print(f"Default time: {escape(p.t_reason)}")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     first = "sigma_rel" if all(x.sigma_rel is not None for x in p.targets) else "target"
     for header in (first, "gamma", "inputs used", "profile error", "Σ|w|"):

@@ -28,6 +28,10 @@ class InvalidValueError(PosthocError, ValueError):
     exit_code = 2
 
 
+class PoorTargetError(InvalidValueError):
+    """A target the snapshots reproduce only roughly (profile error above :data:`~posthoc_cli.quality.POOR`)."""
+
+
 class SnapshotFileError(PosthocError):
     """A file on disk is missing, unreadable, corrupt or not what it should be."""
 

@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import resource
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,13 +31,13 @@ from . import dtypes
 from .container import TensorEntry, output_error, read_into
 from . import mapping
 from .chunked import Files, read_flat
-from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
+from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, PoorTargetError, SnapshotFileError
 from .frozen import FrozenRef, copy_frozen, frozen_ref, tag
 from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
-from .profiles import Fit, sigma_rel_to_gamma
-from .quality import NOISE_BOUND, unit_roundoff
+from .profiles import Fit, sigma_rel_to_beta, sigma_rel_to_gamma
+from .quality import NOISE_BOUND, POOR, reproduced, unit_roundoff
 from .targets import Power, Target, check_initial, closest_power, fit_targets, parse_targets, target_name
-from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+from .snapshots import FLOAT_DTYPES, SUFFIX, Catalogue, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
 
 # Planning (scan, fit, output paths) needs no torch, so light commands can use this module; the
 # functions that move tensor data import torch themselves, when a synthesis starts.
@@ -63,6 +64,7 @@ class Plan:
     skipped_files: int  # files in the folder that are not snapshots
     frozen: FrozenRef | None = None  # the frozen weights stored once that complete the inputs' state dict
     incomplete: int = 0  # sharded snapshots a crash left unfinished: never used
+    t_reason: str | None = None  # why the default time is earlier than the newest snapshot (None when it is not)
 
     @property
     def sigma_rels(self) -> tuple[float | None, ...]:
@@ -101,12 +103,19 @@ class Plan:
 
 
 def plan(
-    ckpt_dir: str | os.PathLike[str], sigma_rels: Sequence[float | str | Target], *, t: int | None = None
+    ckpt_dir: str | os.PathLike[str],
+    sigma_rels: Sequence[float | str | Target],
+    *,
+    t: int | None = None,
+    allow_poor: bool = False,
 ) -> Plan:
-    """Solve for the weights of each target at time ``t`` (default: the latest snapshot).
+    """Solve for the weights of each target at time ``t`` (default: the latest time at which every
+    recorded sigma_rel has a snapshot, see :attr:`Catalogue.complete_t`).
 
     Targets are sigma_rels, spec strings (``"beta=0.9999"``, ``"diffusers:decay=0.999"``, …)
-    or :mod:`posthoc_cli.targets` objects, mixed freely.
+    or :mod:`posthoc_cli.targets` objects, mixed freely. A target whose profile error
+    exceeds :data:`~posthoc_cli.quality.POOR` is refused (:class:`PoorTargetError`, naming
+    the lengths the snapshots do reproduce) unless ``allow_poor``.
 
     >>> p = plan("ckpts", [0.15])  # doctest: +SKIP
     >>> p.fit.profile_error  # doctest: +SKIP
@@ -124,8 +133,9 @@ def plan(
         )
     snaps = catalogue.snapshots
     first, latest = snaps[0].t, catalogue.latest_t
+    t_reason = None
     if t is None:
-        t = latest
+        t, t_reason = catalogue.complete_t, _default_t_reason(catalogue)
     if not first <= t <= latest:
         raise InvalidValueError(
             f"--step {t} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
@@ -143,6 +153,8 @@ def plan(
     for target in targets:
         check_initial(target, t)
     result = fit_targets([s.t for s in usable], [s.sigma_rel for s in usable], targets, t)
+    if not allow_poor:
+        _refuse_poor(targets, result.profile_error, usable, t, catalogue.complete_t)
     keep = np.flatnonzero(np.any(result.weights != 0, axis=1))  # zero rows need not be read at all
     weights = result.weights[keep]
     return Plan(
@@ -155,7 +167,55 @@ def plan(
         skipped_files=len(catalogue.ignored),
         frozen=frozen_ref(usable, catalogue),
         incomplete=len(catalogue.incomplete),
+        t_reason=t_reason,
     )
+
+
+def _default_t_reason(catalogue: Catalogue) -> str | None:
+    """Why the default time is not the newest snapshot's: some series lack a snapshot there."""
+    t, latest = catalogue.complete_t, catalogue.latest_t
+    if t == latest:
+        return None
+    ahead = ", ".join(f"{s:g}" for s, group in sorted(catalogue.series.items()) if group[-1].t == latest)
+    return (
+        f"t={t} is the latest time at which every sigma_rel has a complete snapshot; at t={latest} only "
+        f"sigma_rel {ahead} has one (a run stopped while writing?), and a fit there would rest on it alone"
+    )
+
+
+def _refuse_poor(targets: Sequence[Target], errors: np.ndarray, usable: list[Snapshot], t: int, complete_t: int) -> None:
+    """Raise :class:`PoorTargetError` for the first target above :data:`POOR`, saying what the snapshots do reproduce.
+
+    ``complete_t``: the latest time every series reached, suggested when ``t`` is later."""
+    poor = [(target, float(e)) for target, e in zip(targets, errors) if e > POOR]
+    if not poor:
+        return
+    target, error = poor[0]
+    more = f" (and {len(poor) - 1} more poor target{'s' if len(poor) > 2 else ''})" if len(poor) > 1 else ""
+    span = reproduced([s.t for s in usable], [s.sigma_rel for s in usable], t)
+    if span is None:
+        can = f"these snapshots reproduce no sigma_rel within {POOR:g} at t={t}"
+    else:
+        lo, hi = span
+        betas = f" (≈ beta {_beta(lo, t)}..{_beta(hi, t)})" if t > 0 else ""
+        can = f"these snapshots reproduce sigma_rel {lo:g}..{hi:g}{betas} within {POOR:g} at t={t}"
+    last = usable[-1].t  # the end of a profile after the last snapshot is recorded by none
+    if last < t:
+        where = f"use --step {last}"
+    elif complete_t < t:  # some series stop before t: the fit rests on the others
+        where = f"pick a target in that range, or use --step {complete_t} (every sigma_rel has a snapshot there)"
+    else:
+        where = "pick a target in that range"
+    raise PoorTargetError(
+        f"{target_name(target)}: profile error {error:.2g} is above {POOR:g}{more}; {can}",
+        f"{where}, or pass --allow-poor to write it anyway",
+    )
+
+
+def _beta(sigma_rel: float, t: int) -> str:
+    """The beta of about the same length, with two significant digits of 1 - beta (0.983, 0.99967)."""
+    beta = sigma_rel_to_beta(sigma_rel, t)
+    return f"{beta:.{max(1, 1 - math.floor(math.log10(1 - beta)))}f}"
 
 
 def _virtual_entries(snap: Snapshot) -> list[TensorEntry]:
@@ -170,11 +230,12 @@ def _virtual_entries(snap: Snapshot) -> list[TensorEntry]:
 
 @dataclass(frozen=True)
 class Progress:
-    """Bytes of input read so far, out of the total."""
+    """Bytes of input read so far, out of the total, and the seconds of synthesis work so far."""
 
     done: int
     total: int
     tensor: str
+    seconds: float = 0.0  # of synthesis work (set by synthesize_iter): start-up (importing torch) and planning not counted
 
 
 class _Sink(Protocol):
@@ -767,8 +828,11 @@ def synthesize_iter(
     Outputs appear only when complete; on any error (or if the iteration is
     abandoned) no output file, and no folder made for one, is left behind.
     Frozen weights stored once are copied in, bit for bit and in their own dtype,
-    unless ``trainable_only`` (then only the averaged tensors are written).
+    unless ``trainable_only`` (then only the averaged tensors are written). The last
+    progress comes once the outputs are in place; its ``seconds`` time the work alone.
     """
+    import torch  # noqa: F401  (before the clock starts: importing it is start-up, not synthesis)
+
     check_outputs(p, paths, force, folders=max_shard_size is not None)
     outputs = outputs_for(
         p, paths, dtype=dtype, accumulate=accumulate, max_shard_size=max_shard_size, trainable_only=trainable_only
@@ -782,18 +846,20 @@ def synthesize_iter(
             created += make_folders(output.path.parent)
             writers.append(OutputWriter(output, force=force))
         extra = sum(e.nbytes for e in frozen)
+        started = time.perf_counter()
         last = Progress(0, 0, "")
         for last in stream(p, writers, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite, trainable_only=trainable_only):
-            yield Progress(last.done, last.total + extra, last.tensor)
+            yield Progress(last.done, last.total + extra, last.tensor, time.perf_counter() - started)
         done_bytes, total = last.done, last.total + extra
         if frozen:
             assert p.frozen is not None and p.frozen.file is not None
             for name, nbytes in copy_frozen(p.frozen.file, writers):
                 done_bytes += nbytes
-                yield Progress(done_bytes, total, name)
+                yield Progress(done_bytes, total, name, time.perf_counter() - started)
         for writer in writers:
             writer.commit()
         done = True
+        yield Progress(done_bytes, total, "", time.perf_counter() - started)
     finally:
         for writer in writers:
             writer.abort()  # no-op for committed outputs; removes the temp files otherwise
@@ -824,6 +890,7 @@ def synthesize(
     accumulate: str = "float32",
     force: bool = False,
     allow_nonfinite: bool = False,
+    allow_poor: bool = False,
     trainable_only: bool = False,
     max_shard_size: int | str | None = None,
 ) -> list[Path]:
@@ -840,6 +907,11 @@ def synthesize(
     ``model.safetensors.index.json``: ``out`` itself for one target, one subfolder
     (named like the file, without its suffix) each for several.
 
+    The default ``t`` is the latest time at which every recorded sigma_rel has a
+    snapshot. A target the snapshots reproduce poorly (profile error above 0.05)
+    raises :class:`~posthoc_cli.errors.PoorTargetError` before anything is written,
+    unless ``allow_poor=True``.
+
     >>> synthesize("ckpts", 0.15, out="ema-0.15.safetensors")  # doctest: +SKIP
     [PosixPath('ema-0.15.safetensors')]
     >>> synthesize("ckpts", 0.15, out="ema-0.15", max_shard_size="5GB")  # doctest: +SKIP
@@ -848,7 +920,7 @@ def synthesize(
     targets = parse_targets(sigma_rels)
     name = _dtype_name(dtype)
     _check_dtype(name, accumulate)
-    p = plan(ckpt_dir, targets, t=t)
+    p = plan(ckpt_dir, targets, t=t, allow_poor=allow_poor)
     paths = output_paths(p, out, max_shard_size=max_shard_size)
     steps = synthesize_iter(
         p, paths, dtype=name, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
@@ -867,18 +939,20 @@ def load_synthesized(
     dtype: str | torch.dtype | None = None,
     accumulate: str = "float32",
     trainable_only: bool = False,
+    allow_poor: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The synthesized EMA of one target (a sigma_rel, a spec string or a target) as a state
     dict in memory, ready for ``model.load_state_dict``.
 
     Complete (frozen weights stored once included, in the model's order) unless
-    ``trainable_only=True``: then only the averaged tensors.
+    ``trainable_only=True``: then only the averaged tensors. Defaults and refusals as
+    :func:`synthesize` (``allow_poor=True`` returns a poor target anyway).
 
     >>> model.load_state_dict(load_synthesized("ckpts", 0.15))  # doctest: +SKIP
     """
     name = _dtype_name(dtype)
     _check_dtype(name, accumulate)
-    p = plan(ckpt_dir, [sigma_rel], t=t)
+    p = plan(ckpt_dir, [sigma_rel], t=t, allow_poor=allow_poor)
     out = FLOAT_DTYPES[name or p.input_dtype]
     frozen = frozen_part(p, trainable_only)
     entries = _output_entries(p, trainable_only)

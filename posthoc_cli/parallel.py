@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Generator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -150,13 +151,14 @@ class Team:
         t: int | None = None,
         out: str | os.PathLike[str] | None = None,
         max_shard_size: int | str | None = None,
+        allow_poor: bool = False,
     ) -> tuple[Plan, list[Path]]:
         """:func:`~posthoc_cli.merge.plan` and the output paths on every rank, checked to agree."""
 
         mine: list[tuple[Plan, list[Path]]] = []
 
         def work() -> tuple[object, ...]:
-            p = plan(ckpt_dir, sigma_rels, t=t)
+            p = plan(ckpt_dir, sigma_rels, t=t, allow_poor=allow_poor)
             mine.append((p, output_paths(p, out, max_shard_size=max_shard_size)))
             return _fingerprint(*mine[0])
 
@@ -188,7 +190,8 @@ class Team:
     ) -> Generator[Progress, None, None]:
         """This rank's part of :func:`~posthoc_cli.merge.synthesize_iter`; collective (all ranks call it).
 
-        Yields this rank's progress, then once the progress of all ranks together.
+        Yields this rank's progress, then once the progress of all ranks together, its
+        ``seconds`` from the start of streaming to the outputs in place.
         """
         # The ranks split the snapshot tensors' bytes; the last rank then appends the frozen weights stored
         # once (complete outputs), whole. Outputs that leave buffers out (--trainable-only with integer
@@ -216,6 +219,7 @@ class Team:
 
         try:
             pieces = self.agree(prepare if self.rank == 0 else lambda: [])[0]
+            started = time.perf_counter()
             part = self.part(p)
             error: BaseException | None = None
             done = (0, 0)
@@ -228,14 +232,14 @@ class Team:
                     p, sinks, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite, part=part
                 ):
                     done = (progress.done, progress.total + extra)
-                    yield Progress(*done, progress.tensor)
+                    yield Progress(*done, progress.tensor, time.perf_counter() - started)
                 if copies:
                     assert p.frozen is not None and p.frozen.file is not None
                     tails = [_PieceSink(target, _out_offset(p, None, dtype)) for target in pieces]
                     sinks += tails
                     for name, nbytes in copy_frozen(p.frozen.file, tails):
                         done = (done[0] + nbytes, done[1])
-                        yield Progress(*done, name)
+                        yield Progress(*done, name, time.perf_counter() - started)
                 for sink in sinks:
                     sink.finish()
             except Exception as e:
@@ -246,7 +250,7 @@ class Team:
             totals = self.settle(error, done)
             self.agree(lambda: [w.commit() for w in writers])
             committed = True
-            yield Progress(sum(d for d, _ in totals), sum(t for _, t in totals), "")
+            yield Progress(sum(d for d, _ in totals), sum(t for _, t in totals), "", time.perf_counter() - started)
         finally:
             for writer in writers:
                 writer.abort()  # no-op once committed
@@ -264,11 +268,14 @@ class Team:
         accumulate: str = "float32",
         force: bool = False,
         allow_nonfinite: bool = False,
+        allow_poor: bool = False,
         max_shard_size: int | str | None = None,
     ) -> list[Path]:
         """:func:`posthoc_cli.synthesize`, the work split over the ranks; collective (all ranks call it)."""
         targets = [sigma_rels] if isinstance(sigma_rels, (int, float)) else list(sigma_rels)
-        p, paths = self.plan_outputs(ckpt_dir, targets, t=t, out=out, max_shard_size=max_shard_size)
+        p, paths = self.plan_outputs(
+            ckpt_dir, targets, t=t, out=out, max_shard_size=max_shard_size, allow_poor=allow_poor
+        )
         steps = self.synthesize_iter(
             p, paths, dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
             max_shard_size=max_shard_size,

@@ -54,6 +54,13 @@ def grid(t_in: Sequence[float], sigma_rel_in: Sequence[float], t: int, unit: flo
     ]
 
 
+def reproduced(t_in: Sequence[float], sigma_rel_in: Sequence[float], t: int) -> tuple[float, float] | None:
+    """The shortest and longest sigma_rel of :func:`grid` whose profile error is at most :data:`POOR`
+    (None when none is): what a refusal of a poor target offers instead."""
+    good = [row["sigma_rel"] for row in grid(t_in, sigma_rel_in, t, 0.0) if row["profile_error"] <= POOR]
+    return (min(good), max(good)) if good else None
+
+
 def target_rows(
     t_in: Sequence[float], sigma_rel_in: Sequence[float], t: int, targets: Sequence[str | float | Target], unit: float
 ) -> list[dict[str, Any]]:
@@ -93,4 +100,4 @@ def target_rows(
     return rows
 
 
-__all__ = ["FAITHFUL", "NOISE_BOUND", "POOR", "grid", "target_rows", "unit_roundoff", "verdict"]
+__all__ = ["FAITHFUL", "NOISE_BOUND", "POOR", "grid", "reproduced", "target_rows", "unit_roundoff", "verdict"]

@@ -259,6 +259,19 @@ class Catalogue:
     def latest_t(self) -> int:
         return max(s.t for s in self.snapshots)
 
+    @property
+    def complete_t(self) -> int:
+        """The latest time at which every series has a snapshot: the default synthesis time.
+
+        A run killed while writing leaves some series one snapshot short (the rest is a
+        ``.tmp`` or an incomplete set); a target fitted at the newest time would then rest
+        on the other series alone. Series on staggered schedules share no time: then the
+        earliest of their newest times.
+        """
+        times = [{s.t for s in group} for group in self.series.values()]
+        shared = set.intersection(*times)
+        return max(shared) if shared else min(max(group) for group in times)
+
     def raise_if_broken(self) -> None:
         """Refuse to work from a folder with a broken file: silently leaving one out would change results."""
         if self.broken:

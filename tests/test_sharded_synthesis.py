@@ -80,8 +80,9 @@ def test_sharded_recording_synthesizes_to_the_bits_of_single_files(recorded, tmp
     for sigma_rel in (0.15, 0.07):
         want = posthoc_cli.load_synthesized(recorded, sigma_rel)
         assert same_bits(posthoc_cli.load_synthesized(sharded, sigma_rel), want)
-        assert same_bits(posthoc_cli.load_synthesized(sharded, sigma_rel, t=120, dtype="bfloat16", accumulate="float64"),
-                         posthoc_cli.load_synthesized(recorded, sigma_rel, t=120, dtype="bfloat16", accumulate="float64"))
+        early = dict(t=120, dtype="bfloat16", accumulate="float64", allow_poor=True)  # 0.15 at t=120: poor (0.055)
+        assert same_bits(posthoc_cli.load_synthesized(sharded, sigma_rel, **early),
+                         posthoc_cli.load_synthesized(recorded, sigma_rel, **early))
     one = posthoc_cli.synthesize(recorded, [0.15, 0.07], out=tmp_path / "one")
     two = posthoc_cli.synthesize(sharded, [0.15, 0.07], out=tmp_path / "two", max_shard_size="1KB")
     for a, b in zip(one, two):

@@ -324,7 +324,8 @@ def test_ctrl_c_while_synthesize_imports_torch(tmp_path, recorded):
 def test_ctrl_c_during_a_long_synthesize(tmp_path, large_ckpts):
     out = tmp_path / "out"
     targets = [a for s in ("0.06", "0.07", "0.08", "0.09", "0.11", "0.12", "0.13", "0.15") for a in ("-s", s)]
-    proc = _popen([entry_point(), "synthesize", large_ckpts, *targets, "--accumulate", "float64", "--out", f"{out}/"], tmp_path)
+    # 3 snapshot times: most of these targets are poor (--allow-poor); a long pass is what this needs
+    proc = _popen([entry_point(), "synthesize", large_ckpts, *targets, "--allow-poor", "--accumulate", "float64", "--out", f"{out}/"], tmp_path)
     # The temporary outputs exist from the start of the pass to its end, and torch is in by then.
     _wait_for(lambda: any(out.glob("*.tmp")) and _maps(proc, "libtorch")(), proc, "the synthesis pass started")
     _interrupt_now(proc)
@@ -373,7 +374,7 @@ def test_more_ctrl_c_do_not_cut_the_clean_up_short(tmp_path, large_ckpts):
     # Ctrl-C pressed again and again: the first interrupts, the others must not break the clean-up.
     out = tmp_path / "out"
     targets = [a for s in ("0.06", "0.08", "0.12", "0.15") for a in ("-s", s)]
-    proc = _popen([entry_point(), "synthesize", large_ckpts, *targets, "--out", f"{out}/"], tmp_path)
+    proc = _popen([entry_point(), "synthesize", large_ckpts, *targets, "--allow-poor", "--out", f"{out}/"], tmp_path)
     _wait_for(lambda: any(out.glob("*.tmp")), proc, "the synthesis pass started")
     while proc.poll() is None:
         proc.send_signal(signal.SIGINT)

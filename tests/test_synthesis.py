@@ -135,7 +135,7 @@ def test_integer_buffers_come_from_the_latest_input(tmp_path):
                 model[0].weight.add_(0.1)
             rec.update()
     for t, expected in ((30, 30), (20, 20)):
-        got = load_synthesized(tmp_path, 0.12, t=t)
+        got = load_synthesized(tmp_path, 0.09, t=t)
         assert int(got["1.num_batches_tracked"]) == expected
 
 

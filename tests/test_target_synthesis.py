@@ -76,13 +76,14 @@ def test_synthesized_targets_match_the_directly_tracked_emas(run: dict) -> None:
     for folder in ("dense", "sparse"):
         ckpts = run["root"] / folder
         for spec, tracked in run["tracked"].items():
-            profile_error = float(plan(ckpts, [spec]).fit.profile_error[0])
-            got = _flat(load_synthesized(ckpts, spec, accumulate="float64"), run["names"])
+            # poor targets too, on purpose: denser snapshots must reproduce them better
+            profile_error = float(plan(ckpts, [spec], allow_poor=True).fit.profile_error[0])
+            got = _flat(load_synthesized(ckpts, spec, accumulate="float64", allow_poor=True), run["names"])
             error = float(np.linalg.norm(got - tracked) / np.linalg.norm(tracked))
             errors.setdefault(spec, {})[folder] = error
             if profile_error < 0.01:
                 assert error < 1e-3, (folder, spec, profile_error, error)
-    faithful = [s for s in errors if float(plan(run["root"] / "dense", [s]).fit.profile_error[0]) < 0.01]
+    faithful = [s for s in errors if float(plan(run["root"] / "dense", [s], allow_poor=True).fit.profile_error[0]) < 0.01]
     assert len(faithful) >= 5, errors  # the oracle covers most kinds, not a lucky one
     # denser snapshots reproduce every tracker at least as well, and better overall
     assert sum(e["dense"] for e in errors.values()) < sum(e["sparse"] for e in errors.values())
@@ -102,7 +103,7 @@ def test_mixed_targets_in_one_pass_are_the_same_bits_as_each_alone(run: dict, tm
 
 def test_output_metadata_records_the_target(run: dict, tmp_path: Path) -> None:
     ckpts = run["root"] / "dense"
-    paths = synthesize(ckpts, [0.08, "beta=0.99,every=2", "window=300"], out=tmp_path)
+    paths = synthesize(ckpts, [0.08, "beta=0.99,every=2", "window=300"], out=tmp_path, allow_poor=True)  # every=2: 0.094
     assert [p.name for p in paths] == [
         "ema-s0.080-t1000.safetensors", "ema-beta0.99-every2-t1000.safetensors", "ema-window300-t1000.safetensors"
     ]
