@@ -566,6 +566,8 @@ def stream(
     done = 0
     rows = len(w_t)
     capacity = max((s.count * (rows * out_dtype.itemsize if s.averaged else s.entry.dtype.itemsize) for s in slices), default=0)
+    widest = max((s.count for s in slices if s.averaged), default=0)
+    scratch = torch.empty(2 * rows * widest if out_dtype != acc else rows * widest, dtype=acc)  # reused by every _product
     # Three threads: one maps (or reads) slice k+1 while this one multiplies slice k and a third writes
     # slice k-1. The products run on this thread alone: a thread team for them would only contend for
     # the cores (measured ~50x slower under load).
@@ -600,7 +602,7 @@ def stream(
             groups = futures.pop(k).result()
             if s.averaged:
                 y = writer.buffer((rows, s.count), out_dtype)  # => [rows, count]: row j goes to sink j
-                _product(w_t, groups, y)
+                _product(w_t, groups, y, scratch)
                 if not allow_nonfinite and not _all_finite(y):
                     raise _nonfinite(p, s, readers[k % 2], out_dtype)
             else:
@@ -630,7 +632,7 @@ def _quietly(close: Callable[[], None]) -> None:
         close()
 
 
-def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], out: torch.Tensor) -> None:
+def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], out: torch.Tensor, scratch: torch.Tensor) -> None:
     """``out = Wᵀ X``, each element summed over the inputs in their fixed order.
 
     ``y = w₀x₀``, then ``y += wᵢxᵢ`` input by input, every product and every sum
@@ -638,6 +640,8 @@ def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], ou
     an order its kernel picks (by CPU, by shape: the number of targets, where a
     slice ends), so a target's bits would depend on what else shares the pass,
     on the rank split and on the machine. Here they depend on the inputs alone.
+    ``scratch`` (accumulation dtype, reused from slice to slice) holds the terms,
+    and the sums too when the output has another dtype.
     """
     import torch
 
@@ -646,10 +650,11 @@ def _product(w_t: torch.Tensor, groups: list[tuple[list[int], torch.Tensor]], ou
         if x.dtype.itemsize > w_t.dtype.itemsize:
             x = x.to(w_t.dtype)  # wider inputs are rounded first; narrower ones widen exactly in mul
         rows.update(zip(members, x.split(1)))
-    y = out if out.dtype == w_t.dtype else torch.empty(out.shape, dtype=w_t.dtype)
-    term = torch.empty_like(y) if len(rows) > 1 else y
+    size = out.numel()
+    term = scratch[:size].view(out.shape)
+    y = out if out.dtype == w_t.dtype else scratch[size : 2 * size].view(out.shape)
     for k, i in enumerate(sorted(rows)):
-        torch.mul(w_t[:, i : i + 1], rows[i], out=y if k == 0 else term)
+        torch.mul(w_t[:, i : i + 1], rows[i], out=term if k else y)
         if k:
             y.add_(term)
     if y is not out:
