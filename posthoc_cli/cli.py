@@ -84,19 +84,50 @@ app = typer.Typer(
     epilog="Start with:  posthoc-ema demo --out demo-ckpts   then   posthoc-ema inspect demo-ckpts",
 )
 
+# Typer's Rich help prints a value type after every option, flags included (`--force <bool>`), as if
+# `--force true` were the syntax. A flag takes no value, so it shows none: for every command's flags
+# and the ones Typer adds (--help, --version, --install-completion), hence here and not per option.
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_shows_no_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assign]
+
 # -- terminal plumbing ------------------------------------------------------------------------------
+
+
+class _Results(Console):
+    """Rich's console, except that a closed pipe is reported like any other (Rich itself exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
 
 
 def _stdout() -> Console:
     """Results. Outside a terminal, a fixed wide page so tables never fold in pipes and logs."""
     tty = sys.stdout.isatty()
-    return Console(file=sys.stdout, highlight=False, width=None if tty else 160, soft_wrap=not tty)
+    return _Results(file=sys.stdout, highlight=False, width=None if tty else 160, soft_wrap=not tty)
 
 
 def _say(message: str) -> None:
     """One plain line on stderr (never wrapped, so it stays greppable)."""
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
+
+
+# A reader that went away (`| head -1`) ends a command the way it ends any Unix tool: quietly, with
+# the status of a death by SIGPIPE (Python ignores the signal and gets BrokenPipeError instead).
+CLOSED_PIPE = 141  # 128 + SIGPIPE (13)
+
+
+def _closed_pipe() -> int:
+    """Point stdout at /dev/null, so the exit flush cannot fail again ("Exception ignored …"), and say 141."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return CLOSED_PIPE
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -117,10 +148,7 @@ def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     except PosthocError as e:
         raise _fail(str(e), e.exit_code) from None
     except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1) from None
+        raise typer.Exit(_closed_pipe()) from None
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         raise _fail(f"{where}{e.strerror or e} — check the path and its permissions", 1) from None
@@ -859,6 +887,10 @@ def main() -> None:
         sys.exit(130)
     if code == 130 and not _interrupt_reported:
         _say("Error: interrupted")
+    try:
+        sys.stdout.flush()  # what is still buffered: a reader gone by now is a closed pipe too
+    except BrokenPipeError:
+        code = _closed_pipe()
     sys.exit(code if isinstance(code, int) else 0)
 
 
