@@ -40,7 +40,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .errors import CatalogueError, InvalidValueError, PosthocError
+from .errors import InvalidValueError, PosthocError
 from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
 from .outputs import parse_size
 from .profiles import (
@@ -54,7 +54,7 @@ from .profiles import (
     sigma_rel_to_gamma,
 )
 from .report import FAITHFUL, POOR, inspect_report
-from .snapshots import FLOAT_DTYPES, scan
+from .snapshots import FLOAT_DTYPES, no_snapshots, scan
 from .targets import ACCEPTED, Classical, closest_power, from_options, target_name
 
 if TYPE_CHECKING:
@@ -437,10 +437,7 @@ def inspect(
         else:
             _print_inspect(report)
         if not catalogue.series:
-            raise CatalogueError(
-                f"no posthoc-ema snapshots in {catalogue.folder}",
-                "record some with posthoc_cli.Recorder, or pass the folder it wrote",
-            )
+            raise no_snapshots(catalogue.folder, "record some with posthoc_cli.Recorder, or pass the folder it wrote")
 
 
 def _print_contents(console: Console, contents: dict[str, Any]) -> None:
@@ -637,7 +634,7 @@ def plot(
         catalogue.raise_if_broken()
         snaps = catalogue.snapshots
         if not snaps:
-            raise CatalogueError(f"no posthoc-ema snapshots in {catalogue.folder}", "pass the folder the Recorder wrote")
+            raise no_snapshots(catalogue.folder, "pass the folder the Recorder wrote")
         t = catalogue.latest_t if step is None else step
         dtype = max((s.dtype for s in snaps), key=lambda d: {"float32": 0, "bfloat16": 2, "float16": 1}[d])
         series = plot_series([s.t for s in snaps], [s.sigma_rel for s in snaps], t, targets, dtype)

@@ -36,7 +36,10 @@ from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, 
 from .profiles import Fit, sigma_rel_to_gamma
 from .quality import NOISE_BOUND, unit_roundoff
 from .targets import Power, Target, check_initial, closest_power, fit_targets, parse_targets, target_name
-from .snapshots import FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+from .snapshots import (
+    FLOAT_DTYPES, SUFFIX, Snapshot, encode_metadata, layout_problems, library_info, no_snapshots, scan, synthesized_name,
+    utc_now,
+)
 
 # Planning (scan, fit, output paths) needs no torch, so light commands can use this module; the
 # functions that move tensor data import torch themselves, when a synthesis starts.
@@ -118,10 +121,7 @@ def plan(
     catalogue = scan(ckpt_dir)
     catalogue.raise_if_broken()
     if not catalogue.series:
-        raise CatalogueError(
-            f"no posthoc-ema snapshots in {catalogue.folder}",
-            "record some with posthoc_cli.Recorder, or pass the folder it wrote",
-        )
+        raise no_snapshots(catalogue.folder, "record some with posthoc_cli.Recorder, or pass the folder it wrote")
     snaps = catalogue.snapshots
     first, latest = snaps[0].t, catalogue.latest_t
     if t is None:

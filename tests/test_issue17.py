@@ -74,3 +74,48 @@ def test_help_shows_flags_without_a_value(command):
     assert flags and all(not after.startswith("<") for _, after in flags), flags
     if command is not None:  # options with a value still show it
         assert re.search(r"--\w[\w-]*\s+(-\w\s+)?(<[^>]+>|[A-Z_.]+)\s", result.stdout), result.stdout
+
+
+# -- snapshots one level down -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(recorded: Path, tmp_path: Path) -> Path:
+    """A trainer's output folder: its checkpoints, and the snapshots in posthoc-ema/ (the integrations' default)."""
+    run = tmp_path / "run"
+    (run / "checkpoint-100").mkdir(parents=True)
+    (run / "checkpoint-100" / "trainer_state.json").write_text("{}")
+    (run / "config.json").write_text("{}")
+    shutil.move(recorded, run / "posthoc-ema")
+    return run
+
+
+@pytest.mark.parametrize("command", [["synthesize", "-s", "0.1"], ["inspect"], ["plot"]])
+def test_a_run_folder_names_the_snapshot_folder_inside(run_dir, tmp_path, command):
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    result = cli(command[0], run_dir, *command[1:], cwd=tmp_path)
+    assert result.returncode == 1
+    assert error_line(result) == (f"Error: no posthoc-ema snapshots in {run_dir} — the snapshots are in "
+                                  f"{run_dir / 'posthoc-ema'}: pass that folder")
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no plot
+
+
+def test_a_run_folder_names_the_snapshot_folder_to_python_too(run_dir, tmp_path):
+    import posthoc_cli
+
+    with pytest.raises(posthoc_cli.CatalogueError) as caught:
+        posthoc_cli.synthesize(run_dir, 0.1, out=tmp_path / "ema.safetensors")
+    assert caught.value.fix == f"the snapshots are in {run_dir / 'posthoc-ema'}: pass that folder"
+    shutil.copytree(run_dir / "posthoc-ema", run_dir / "more")
+    with pytest.raises(posthoc_cli.CatalogueError) as caught:
+        posthoc_cli.plan(run_dir, [0.1])
+    assert caught.value.fix == (f"the snapshots are in {run_dir / 'posthoc-ema'} and {run_dir / 'more'}: "
+                                "pass one of those folders")
+    assert posthoc_cli.synthesize(run_dir / "posthoc-ema", 0.1, out=tmp_path / "ema.safetensors")
+
+
+def test_a_folder_with_nothing_below_keeps_its_fix(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert error_line(cli("inspect", tmp_path / "empty")).endswith(
+        "— record some with posthoc_cli.Recorder, or pass the folder it wrote")
