@@ -40,7 +40,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .errors import InvalidValueError, PosthocError
+from .errors import InvalidValueError, PosthocError, cli_text
 from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
 from .outputs import parse_size
 from .profiles import (
@@ -146,7 +146,7 @@ def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     try:
         yield
     except PosthocError as e:
-        raise _fail(str(e), e.exit_code) from None
+        raise _fail(cli_text(e), e.exit_code) from None
     except BrokenPipeError:
         raise typer.Exit(_closed_pipe()) from None
     except OSError as e:
@@ -877,7 +877,7 @@ def main() -> None:
         _say(f"Error: {message} — see '{where} --help'")
         sys.exit(getattr(e, "exit_code", 2))
     except PosthocError as e:
-        _say(f"Error: {e}")
+        _say(f"Error: {cli_text(e)}")
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         _say("Error: interrupted")

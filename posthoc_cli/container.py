@@ -28,7 +28,7 @@ except ImportError:  # Windows: no advisory locks, so concurrent writers of one 
     fcntl = None  # type: ignore[assignment]
 
 from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype, torch_dtypes
-from .errors import OutputError, SnapshotFileError
+from .errors import OutputError, SnapshotFileError, arg
 
 if TYPE_CHECKING:  # annotations only: torch is imported by the functions that handle tensor data
     import torch
@@ -457,7 +457,7 @@ class AtomicWriter:
             self._file.close()  # releases the lock only now: until the rename, the temp file is ours
         except FileExistsError as e:
             self.abort()
-            raise OutputError(f"{self.path} already exists", "use --force to overwrite it, or choose another name") from e
+            raise OutputError(f"{self.path} already exists", f"use {arg('force', True)} to overwrite it, or choose another name") from e
         except OSError as e:
             self.abort()
             raise output_error(self.path, e) from e

@@ -30,7 +30,7 @@ from . import dtypes
 from .container import TensorEntry, output_error, read_into
 from . import mapping
 from .chunked import Files, read_flat
-from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError
+from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, SnapshotFileError, arg, spelled
 from .frozen import FrozenRef, copy_frozen, frozen_ref, tag
 from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
 from .profiles import Fit, sigma_rel_to_gamma
@@ -50,6 +50,7 @@ SLICE_BYTES = 24 << 20  # input bytes (all inputs together) per slice; two slice
 _MAP_MIN_BYTES = mapping.PAGE  # narrower slices (per input) are cheaper to read than to map
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
 ACCUMULATE = {"float32": "F32", "float64": "F64"}  # accumulation dtypes: name → safetensors code
+_EXAMPLE_TARGETS = spelled("sigma_rels=0.15 or sigma_rels='beta=0.9999'", "--sigma-rel 0.15 or --beta 0.9999")
 # NOISE_BOUND: relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
 
 
@@ -117,7 +118,7 @@ def plan(
     """
     targets = tuple(parse_targets(sigma_rels))
     if not targets:
-        raise InvalidValueError("no target given", "pass at least one, e.g. --sigma-rel 0.15 or --beta 0.9999")
+        raise InvalidValueError("no target given", f"pass at least one, e.g. {_EXAMPLE_TARGETS}")
     catalogue = scan(ckpt_dir)
     catalogue.raise_if_broken()
     if not catalogue.series:
@@ -128,7 +129,7 @@ def plan(
         t = latest
     if not first <= t <= latest:
         raise InvalidValueError(
-            f"--step {t} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
+            f"{arg('t', t)} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
         )
     recorded = sorted(catalogue.series)
     if len(recorded) == 1 and any(target.sigma_rel != recorded[0] for target in targets):
@@ -611,11 +612,11 @@ def _nonfinite(p: Plan, s: _Slice, reader: _Reader | _ChunkReader, out_dtype: to
         more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
         return NonFiniteError(
             f"tensor {s.entry.name!r} in {bad[0]} holds NaN or Inf{more}",
-            "move that snapshot out of the folder, or pass --allow-nonfinite to write the result anyway",
+            f"move that snapshot out of the folder, or pass {arg('allow_nonfinite', True)} to write the result anyway",
         )
     return NonFiniteError(
         f"tensor {s.entry.name!r} overflows {str(out_dtype).removeprefix('torch.')} after averaging",
-        "use --dtype float32, or pass --allow-nonfinite to write it anyway",
+        f"use {arg('dtype', 'float32')}, or pass {arg('allow_nonfinite', True)} to write it anyway",
     )
 
 
@@ -666,23 +667,23 @@ def output_paths(
     """
     names = [output_name(target, p.t) for target in p.targets]
     if len(names) != len(set(names)):
-        raise InvalidValueError("the same target is asked for twice", "give each --sigma-rel, --beta or --ema once")
+        raise InvalidValueError("the same target is asked for twice", f"give each {spelled('target', '--sigma-rel, --beta or --ema')} once")
     if max_shard_size is not None:
         parse_size(max_shard_size)
         if len(names) == 1 and out is not None:
             return [Path(out)]
         folder = Path(out) if out is not None else Path.cwd()
         if folder.exists() and not folder.is_dir():
-            raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
+            raise OutputError(f"{folder} is a file, but several targets need a folder", f"pass a folder as {arg('out')}")
         return [folder / name.removesuffix(SUFFIX) for name in names]
     folder_named = out is not None and str(out).endswith(("/", os.sep))  # Path() would drop the slash
     if len(p.targets) == 1 and out is not None and not Path(out).is_dir() and not folder_named:
         return [Path(out)]
     folder = Path(out) if out is not None else Path.cwd()
     if folder.suffix == SUFFIX and not folder.is_dir():
-        raise OutputError(f"{folder} looks like a file name, but several targets need a folder", "pass a folder to --out")
+        raise OutputError(f"{folder} looks like a file name, but several targets need a folder", f"pass a folder as {arg('out')}")
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
+        raise OutputError(f"{folder} is a file, but several targets need a folder", f"pass a folder as {arg('out')}")
     return [folder / name for name in names]
 
 
@@ -701,9 +702,9 @@ def check_outputs(p: Plan, paths: list[Path], force: bool, *, folders: bool = Fa
             check_folder(path, force)
             continue
         if path.is_dir():
-            raise OutputError(f"{path} is a folder", "pass a file path to --out, or remove that folder")
+            raise OutputError(f"{path} is a folder", f"pass a file path as {arg('out')}, or remove that folder")
         if path.exists() and not force:
-            raise OutputError(f"{path} already exists", "use --force to overwrite it, or choose another --out")
+            raise OutputError(f"{path} already exists", f"use {arg('force', True)} to overwrite it, or choose another {arg('out')}")
 
 
 def make_folders(folder: Path) -> list[Path]:

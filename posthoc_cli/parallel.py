@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .container import DTYPES, output_error, tensor_bytes
-from .errors import InvalidValueError, ParallelError, PosthocError
+from .errors import InvalidValueError, ParallelError, PosthocError, arg
 from .frozen import copy_frozen
 from .merge import (
     Plan,
@@ -65,7 +65,7 @@ def launched() -> bool:
 def _describe(error: BaseException) -> tuple[int, str]:
     """The exit code and one-line message a rank reports for its error."""
     if isinstance(error, PosthocError):
-        return error.exit_code, str(error)
+        return error.exit_code, error.message  # both spellings: rank 0's CLI prints the flags
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         return 1, f"{where}{error.strerror or error} — check the path and its permissions"
@@ -195,7 +195,7 @@ class Team:
         # buffers) are not split yet. Every rank decides alike from the plan.
         if trainable_only and not all(e.is_floating_point for e in p.entries):
             raise InvalidValueError(
-                "parallel synthesis cannot yet leave buffers out (--trainable-only on a model with integer buffers)",
+                f"parallel synthesis cannot yet leave buffers out ({arg('trainable_only', True)} on a model with integer buffers)",
                 "run posthoc-ema synthesize in one process (without torchrun) for this recording",
             )
         frozen = frozen_part(p, trainable_only)

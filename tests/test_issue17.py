@@ -119,3 +119,67 @@ def test_a_folder_with_nothing_below_keeps_its_fix(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     assert error_line(cli("inspect", tmp_path / "empty")).endswith(
         "— record some with posthoc_cli.Recorder, or pass the folder it wrote")
+
+
+# -- errors name Python arguments to Python, flags on the command line ------------------------------
+
+
+def _poison(folder: Path) -> Path:
+    """Write an Inf into the last snapshot's first tensor (header intact)."""
+    from posthoc_cli.container import read_header
+
+    victim = sorted(folder.glob("*.safetensors"))[-1]
+    entry = min(read_header(victim).tensors.values(), key=lambda e: e.begin)
+    with open(victim, "r+b") as f:
+        f.seek(entry.begin)
+        f.write(b"\x00\x00\x80\x7f")  # float32 +Inf
+    return victim
+
+
+def _cases(folder: Path, tmp_path: Path) -> list[tuple[dict[str, object], list[str], str, str]]:
+    """(Python arguments, CLI arguments, the fix Python reads, the fix the CLI prints)."""
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"mine")
+    return [
+        (dict(out=existing), ["--out", str(existing)],
+         "use force=True to overwrite it, or choose another out=…", "use --force to overwrite it, or choose another --out"),
+        (dict(t=10_000, out=tmp_path / "a.safetensors"), ["--step", "10000", "--out", str(tmp_path / "a.safetensors")],
+         "t=10000 is outside", "--step 10000 is outside"),
+        (dict(max_shard_size="5XB", out=tmp_path / "b"), ["--max-shard-size", "5XB", "--out", str(tmp_path / "b")],
+         "max_shard_size='5XB' is not a size", "--max-shard-size 5XB is not a size"),
+    ]
+
+
+def test_errors_name_python_arguments_to_python_and_flags_to_the_cli(recorded, tmp_path):
+    import posthoc_cli
+
+    for kwargs, flags, python_says, cli_says in _cases(recorded, tmp_path):
+        with pytest.raises(posthoc_cli.PosthocError) as caught:
+            posthoc_cli.synthesize(recorded, 0.1, **kwargs)  # type: ignore[arg-type]
+        assert python_says in str(caught.value) and "--" not in str(caught.value)
+        assert python_says in f"{caught.value.what} — {caught.value.fix}"  # the parts read the same
+        assert not re.search("[\ue000-\ue002]", str(caught.value) + caught.value.what + (caught.value.fix or ""))
+        line = error_line(cli("synthesize", recorded, "-s", "0.1", *flags, cwd=tmp_path))
+        assert cli_says in line and "=True" not in line and "=…" not in line, line
+    assert (tmp_path / "existing.safetensors").read_bytes() == b"mine"
+
+
+def test_nonfinite_errors_name_allow_nonfinite_both_ways(recorded, tmp_path):
+    import posthoc_cli
+
+    _poison(recorded)
+    with pytest.raises(posthoc_cli.NonFiniteError, match=r"pass allow_nonfinite=True to write the result anyway$"):
+        posthoc_cli.synthesize(recorded, 0.1, out=tmp_path / "a.safetensors")
+    line = error_line(cli("synthesize", recorded, "-s", "0.1", "--out", tmp_path / "a.safetensors"))
+    assert line.endswith("pass --allow-nonfinite to write the result anyway")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_rank_error_relayed_to_rank_0_keeps_both_spellings():
+    """A message built from another error (as ranks relay theirs) still reads right on both sides."""
+    from posthoc_cli.errors import OutputError, ParallelError, arg, cli_text
+
+    first = OutputError("x exists", f"use {arg('force', True)}, or choose another {arg('out')}")
+    relayed = ParallelError(f"rank 1: {first.message}")
+    assert str(relayed) == "rank 1: x exists — use force=True, or choose another out=…"
+    assert cli_text(relayed) == "rank 1: x exists — use --force, or choose another --out"
