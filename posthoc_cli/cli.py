@@ -138,6 +138,20 @@ def _fail(message: str, code: int) -> typer.Exit:
 # Whether this run has reported an interruption already: Typer turns a Ctrl-C that no command caught
 # (while parsing the command line, say) into a silent exit code 130, and main() then reports it.
 _interrupt_reported = False
+# A rank other than 0 prints nothing (rank 0 reports every rank's error), except when its peers are
+# gone: rank 0 may be among them. Then it speaks on the stderr kept here, and the process ends with
+# os._exit, past the destructors of the broken gloo group (which can abort: SIGABRT instead of 1).
+_quiet_rank: tuple[int, int] | None = None  # (rank, the stderr its fd 2 no longer is)
+_peer_lost = False
+
+
+def _lost_peer(error: PosthocError) -> None:
+    global _peer_lost
+    _peer_lost = True
+    if _quiet_rank is not None:
+        rank, stderr = _quiet_rank
+        with contextlib.suppress(OSError):
+            os.write(stderr, f"Error: rank {rank}: {cli_text(error)}\n".encode())
 
 
 @contextlib.contextmanager
@@ -146,6 +160,8 @@ def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     try:
         yield
     except PosthocError as e:
+        if getattr(e, "lost_peer", False):
+            _lost_peer(e)
         raise _fail(cli_text(e), e.exit_code) from None
     except BrokenPipeError:
         raise typer.Exit(_closed_pipe()) from None
@@ -303,6 +319,8 @@ def _join_team() -> Any:
     signal.signal(signal.SIGTERM, _interrupt)
     team = parallel.Team.join()
     if team.rank != 0:
+        global _quiet_rank
+        _quiet_rank = (team.rank, os.dup(sys.stderr.fileno()))
         quiet = os.open(os.devnull, os.O_WRONLY)
         os.dup2(quiet, sys.stdout.fileno())
         os.dup2(quiet, sys.stderr.fileno())
@@ -888,7 +906,11 @@ def main() -> None:
         sys.stdout.flush()  # what is still buffered: a reader gone by now is a closed pipe too
     except BrokenPipeError:
         code = _closed_pipe()
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if _peer_lost:  # see _quiet_rank; every file is closed or flushed by now, temporary files removed
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 __all__ = ["app", "main"]

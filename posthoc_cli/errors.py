@@ -102,9 +102,10 @@ class FrozenWeightsError(PosthocError):
 class ParallelError(PosthocError):
     """Another rank of a parallel synthesis failed (its message), or stopped without a word."""
 
-    def __init__(self, what: str, fix: str | None = None, *, exit_code: int = 1) -> None:
+    def __init__(self, what: str, fix: str | None = None, *, exit_code: int = 1, lost_peer: bool = False) -> None:
         super().__init__(what, fix)
         self.exit_code = exit_code
+        self.lost_peer = lost_peer  # a rank died without a word: the process group is broken
 
 
 class ModelChangedError(PosthocError):

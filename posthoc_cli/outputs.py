@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .container import AtomicWriter, _fsync_dir, output_error, tensor_bytes
+from .container import AtomicWriter, _fsync_dir, hold, output_error, remove_leftovers, tensor_bytes
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import InvalidValueError, OutputError, arg
 
@@ -179,9 +179,12 @@ class OutputWriter:
         self.writers: list[AtomicWriter] = []
         self._current = 0
         self._left = output.files[0].nbytes
+        self._held: int | None = None  # the temp folder's lock, so that other runs never take it for a leftover
+        remove_leftovers(output.path.parent)
         try:
             if output.folder:
                 self._temp = _temp_folder(output.path)
+                self._held = hold(self._temp)
                 folder = self._temp
                 self.writers = [AtomicWriter(folder / f.name, f.layout, f.metadata) for f in output.files]
             else:
@@ -230,6 +233,7 @@ class OutputWriter:
             self.abort()
             raise
         self._temp = None
+        self._release()
         _fsync_dir(self.output.path.parent)
         return self.output.path
 
@@ -240,6 +244,12 @@ class OutputWriter:
         if self._temp is not None:
             shutil.rmtree(self._temp, ignore_errors=True)
             self._temp = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
 
 def _temp_folder(final: Path, suffix: str = ".tmp") -> Path:

@@ -82,6 +82,7 @@ class Team:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self._owns_default = owns_default
+        self._broken = False  # a peer died: the group cannot be torn down collectively
 
     @classmethod
     def join(cls, timeout: timedelta | None = None) -> Team:
@@ -98,7 +99,8 @@ class Team:
         return cls(owns_default=True)
 
     def close(self) -> None:
-        if self._owns_default and dist.is_initialized():
+        # Tearing down a group whose peer is gone waits on (or aborts in) gloo's C++: leave it to the exit.
+        if self._owns_default and dist.is_initialized() and not self._broken:
             dist.destroy_process_group()
             self._owns_default = False
 
@@ -115,9 +117,11 @@ class Team:
         try:
             dist.all_gather_object(out, item, group=self.group)
         except Exception as e:  # a peer died: gloo reports a closed connection or a timeout
+            self._broken = True
             raise ParallelError(
                 f"another rank of the parallel synthesis stopped without reporting why ({type(e).__name__})",
                 "see that rank's log (torchrun names the failed rank); nothing was written",
+                lost_peer=True,
             ) from e
         return out
 

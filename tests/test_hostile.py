@@ -331,9 +331,9 @@ def test_special_files_under_a_snapshot_name_never_hang_or_crash(folder, tmp_pat
 def test_foreign_and_synthesized_files_are_skipped_not_broken(folder, tmp_path):
     write_file(folder / "foreign.safetensors", [("x", torch.ones(2))], {"format": "pt"})
     (folder / "notes.txt").write_text("hello")
-    (folder / "half.safetensors.tmp").write_bytes(b"\x10\x00")
     (folder / "sub.safetensors").mkdir()
     posthoc_cli.synthesize(folder, 0.07, out=folder / "ema-s0.070-t30.safetensors")
+    (folder / "half.safetensors.tmp").write_bytes(b"\x10\x00")  # after: synthesis removes a dead run's leftovers
     catalogue = scan(folder)
     assert not catalogue.broken and sum(len(s) for s in catalogue.series.values()) == 6
     reasons = {s.path.name: s.reason for s in catalogue.ignored}

@@ -183,3 +183,21 @@ def test_a_rank_error_relayed_to_rank_0_keeps_both_spellings():
     relayed = ParallelError(f"rank 1: {first.message}")
     assert str(relayed) == "rank 1: x exists — use force=True, or choose another out=…"
     assert cli_text(relayed) == "rank 1: x exists — use --force, or choose another --out"
+
+
+# -- leftovers of a killed run ----------------------------------------------------------------------
+
+
+def test_a_run_removes_dead_runs_leftovers_but_not_a_live_runs_files(recorded, tmp_path):
+    from posthoc_cli.container import AtomicWriter
+
+    out = tmp_path / "out"
+    (out / ".ema.0123abcd.tmp").mkdir(parents=True)  # a killed run's hidden folder of HF shards
+    (out / ".ema.0123abcd.tmp" / "model-00001-of-00002.safetensors.tmp").write_bytes(b"\0" * 64)
+    (out / "ema-s0.300-t9.safetensors.tmp").write_bytes(b"\0" * 64)  # a killed run's file, named otherwise
+    (out / "notes.tmp").write_text("mine")  # not ours: kept
+    with AtomicWriter(out / "live.safetensors", [], {}) as live:  # a live run's temporary file: locked, kept
+        result = cli("synthesize", recorded, "-s", "0.1", "--out", out / "ema.safetensors")
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["ema.safetensors", "live.safetensors.tmp", "notes.tmp"]
+        live.commit()
