@@ -860,7 +860,11 @@ def _print_demo(result: demo_lib.DemoResult, *, kept: bool) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        sys.stdout.write(f"posthoc-ema {__version__}\n")
+        try:
+            sys.stdout.write(f"posthoc-ema {__version__}\n")
+            sys.stdout.flush()  # here, not in Click, which would exit 1 on a closed pipe
+        except BrokenPipeError:
+            raise typer.Exit(_closed_pipe()) from None
         raise typer.Exit()
 
 
@@ -880,8 +884,8 @@ _COMMANDS = {c.name or c.callback.__name__ for c in app.registered_commands if c
 
 def main() -> None:
     """Run the app; a stray PosthocError still becomes one ``Error:`` line (the console script is _entry.main)."""
-    global _interrupt_reported
-    _interrupt_reported = False
+    global _interrupt_reported, _peer_lost
+    _interrupt_reported = _peer_lost = False
     try:
         code = app(prog_name="posthoc-ema", standalone_mode=False)  # errors come here, not to Typer's boxes
     except _USAGE_ERROR as e:  # unparsable option, missing argument, ...: one line like every error

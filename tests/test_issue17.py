@@ -50,7 +50,8 @@ def test_a_reader_that_went_away_ends_the_command_like_sigpipe(recorded, args):
 
 
 @pytest.mark.parametrize("args", [["inspect", "{folder}"], ["inspect", "{folder}", "--json"], ["beta-to-sigma", "0.999"],
-                                  ["plan", "--steps", "1000", "--snapshot-every", "100", "--record", "0.05", "--record", "0.1"]])
+                                  ["plan", "--steps", "1000", "--snapshot-every", "100", "--record", "0.05", "--record", "0.1"],
+                                  ["--version"]])
 def test_a_pipe_closed_before_the_first_line(recorded, args):
     read, write = os.pipe()
     os.close(read)  # the reader left before anything was written: the first write fails
