@@ -39,7 +39,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .errors import CatalogueError, InvalidValueError, PosthocError
+from .errors import InvalidValueError, PosthocError, cli_text
 from .merge import ACCUMULATE, Plan, output_paths, plan, synthesize_iter
 from .outputs import parse_size
 from .profiles import (
@@ -53,7 +53,7 @@ from .profiles import (
     sigma_rel_to_gamma,
 )
 from .report import FAITHFUL, POOR, inspect_report
-from .snapshots import FLOAT_DTYPES, scan
+from .snapshots import FLOAT_DTYPES, no_snapshots, scan
 from .targets import ACCEPTED, Classical, closest_power, from_options, target_name
 
 if TYPE_CHECKING:
@@ -83,19 +83,50 @@ app = typer.Typer(
     epilog="Start with:  posthoc-ema demo --out demo-ckpts   then   posthoc-ema inspect demo-ckpts",
 )
 
+# Typer's Rich help prints a value type after every option, flags included (`--force <bool>`), as if
+# `--force true` were the syntax. A flag takes no value, so it shows none: for every command's flags
+# and the ones Typer adds (--help, --version, --install-completion), hence here and not per option.
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_shows_no_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assign]
+
 # -- terminal plumbing ------------------------------------------------------------------------------
+
+
+class _Results(Console):
+    """Rich's console, except that a closed pipe is reported like any other (Rich itself exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
 
 
 def _stdout() -> Console:
     """Results. Outside a terminal, a fixed wide page so tables never fold in pipes and logs."""
     tty = sys.stdout.isatty()
-    return Console(file=sys.stdout, highlight=False, width=None if tty else 160, soft_wrap=not tty)
+    return _Results(file=sys.stdout, highlight=False, width=None if tty else 160, soft_wrap=not tty)
 
 
 def _say(message: str) -> None:
     """One plain line on stderr (never wrapped, so it stays greppable)."""
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
+
+
+# A reader that went away (`| head -1`) ends a command the way it ends any Unix tool: quietly, with
+# the status of a death by SIGPIPE (Python ignores the signal and gets BrokenPipeError instead).
+CLOSED_PIPE = 141  # 128 + SIGPIPE (13)
+
+
+def _closed_pipe() -> int:
+    """Point stdout at /dev/null, so the exit flush cannot fail again ("Exception ignored …"), and say 141."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return CLOSED_PIPE
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -106,6 +137,20 @@ def _fail(message: str, code: int) -> typer.Exit:
 # Whether this run has reported an interruption already: Typer turns a Ctrl-C that no command caught
 # (while parsing the command line, say) into a silent exit code 130, and main() then reports it.
 _interrupt_reported = False
+# A rank other than 0 prints nothing (rank 0 reports every rank's error), except when its peers are
+# gone: rank 0 may be among them. Then it speaks on the stderr kept here, and the process ends with
+# os._exit, past the destructors of the broken gloo group (which can abort: SIGABRT instead of 1).
+_quiet_rank: tuple[int, int] | None = None  # (rank, the stderr its fd 2 no longer is)
+_peer_lost = False
+
+
+def _lost_peer(error: PosthocError) -> None:
+    global _peer_lost
+    _peer_lost = True
+    if _quiet_rank is not None:
+        rank, stderr = _quiet_rank
+        with contextlib.suppress(OSError):
+            os.write(stderr, f"Error: rank {rank}: {cli_text(error)}\n".encode())
 
 
 @contextlib.contextmanager
@@ -114,12 +159,11 @@ def _user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     try:
         yield
     except PosthocError as e:
-        raise _fail(str(e), e.exit_code) from None
+        if getattr(e, "lost_peer", False):
+            _lost_peer(e)
+        raise _fail(cli_text(e), e.exit_code) from None
     except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1) from None
+        raise typer.Exit(_closed_pipe()) from None
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         raise _fail(f"{where}{e.strerror or e} — check the path and its permissions", 1) from None
@@ -281,6 +325,8 @@ def _join_team() -> Any:
     signal.signal(signal.SIGTERM, _interrupt)
     team = parallel.Team.join()
     if team.rank != 0:
+        global _quiet_rank
+        _quiet_rank = (team.rank, os.dup(sys.stderr.fileno()))
         quiet = os.open(os.devnull, os.O_WRONLY)
         os.dup2(quiet, sys.stdout.fileno())
         os.dup2(quiet, sys.stderr.fileno())
@@ -418,10 +464,7 @@ def inspect(
         else:
             _print_inspect(report)
         if not catalogue.series:
-            raise CatalogueError(
-                f"no posthoc-ema snapshots in {catalogue.folder}",
-                "record some with posthoc_cli.Recorder, or pass the folder it wrote",
-            )
+            raise no_snapshots(catalogue.folder, "record some with posthoc_cli.Recorder, or pass the folder it wrote")
 
 
 def _print_contents(console: Console, contents: dict[str, Any]) -> None:
@@ -618,7 +661,7 @@ def plot(
         catalogue.raise_if_broken()
         snaps = catalogue.snapshots
         if not snaps:
-            raise CatalogueError(f"no posthoc-ema snapshots in {catalogue.folder}", "pass the folder the Recorder wrote")
+            raise no_snapshots(catalogue.folder, "pass the folder the Recorder wrote")
         t = catalogue.latest_t if step is None else step
         dtype = max((s.dtype for s in snaps), key=lambda d: {"float32": 0, "bfloat16": 2, "float16": 1}[d])
         series = plot_series([s.t for s in snaps], [s.sigma_rel for s in snaps], t, targets, dtype)
@@ -826,7 +869,11 @@ def _print_demo(result: demo_lib.DemoResult, *, kept: bool) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        sys.stdout.write(f"posthoc-ema {__version__}\n")
+        try:
+            sys.stdout.write(f"posthoc-ema {__version__}\n")
+            sys.stdout.flush()  # here, not in Click, which would exit 1 on a closed pipe
+        except BrokenPipeError:
+            raise typer.Exit(_closed_pipe()) from None
         raise typer.Exit()
 
 
@@ -846,8 +893,8 @@ _COMMANDS = {c.name or c.callback.__name__ for c in app.registered_commands if c
 
 def main() -> None:
     """Run the app; a stray PosthocError still becomes one ``Error:`` line (the console script is _entry.main)."""
-    global _interrupt_reported
-    _interrupt_reported = False
+    global _interrupt_reported, _peer_lost
+    _interrupt_reported = _peer_lost = False
     try:
         code = app(prog_name="posthoc-ema", standalone_mode=False)  # errors come here, not to Typer's boxes
     except _USAGE_ERROR as e:  # unparsable option, missing argument, ...: one line like every error
@@ -861,14 +908,22 @@ def main() -> None:
         _say(f"Error: {message} — see '{where} --help'")
         sys.exit(getattr(e, "exit_code", 2))
     except PosthocError as e:
-        _say(f"Error: {e}")
+        _say(f"Error: {cli_text(e)}")
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         _say("Error: interrupted")
         sys.exit(130)
     if code == 130 and not _interrupt_reported:
         _say("Error: interrupted")
-    sys.exit(code if isinstance(code, int) else 0)
+    try:
+        sys.stdout.flush()  # what is still buffered: a reader gone by now is a closed pipe too
+    except BrokenPipeError:
+        code = _closed_pipe()
+    code = code if isinstance(code, int) else 0
+    if _peer_lost:  # see _quiet_rank; every file is closed or flushed by now, temporary files removed
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 __all__ = ["app", "main"]

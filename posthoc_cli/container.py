@@ -15,6 +15,8 @@ import errno
 import json
 import math
 import os
+import re
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ except ImportError:  # Windows: no advisory locks, so concurrent writers of one 
     fcntl = None  # type: ignore[assignment]
 
 from .dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype, torch_dtypes
-from .errors import OutputError, SnapshotFileError
+from .errors import OutputError, SnapshotFileError, arg
 
 if TYPE_CHECKING:  # annotations only: torch is imported by the functions that handle tensor data
     import torch
@@ -303,6 +305,52 @@ def _remove_if_stale(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Remove what runs killed outright (SIGKILL, a lost node) left in ``folder``: ``*.safetensors.tmp``
+    files and hidden ``.NAME.*.tmp`` folders that no process holds locked. Each run removes its own
+    (and a rerun the one it would write), but not those of outputs named otherwise, which piled up.
+    Where locks do not work nothing is removed: a live run's file could not be told from a dead one's."""
+    if fcntl is None:
+        return
+    try:
+        leftovers = [p for p in folder.iterdir() if p.name.endswith(".safetensors.tmp") or _TEMP_FOLDER.fullmatch(p.name)]
+    except OSError:
+        return
+    for path in leftovers:
+        with contextlib.suppress(OSError):
+            _remove_if_unheld(path)
+
+
+_TEMP_FOLDER = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # outputs._temp_folder's names
+
+
+def _remove_if_unheld(path: Path) -> None:
+    folder = path.name.startswith(".")
+    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if folder else os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live run, or no locks on this file system: leave it
+            return
+        if not _names(path, fd):
+            return
+        if folder:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def hold(folder: Path) -> int:
+    """Lock ``folder`` for as long as the returned descriptor is open: :func:`remove_leftovers` skips it."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
 def _names(path: Path, fd: int) -> bool:
     """Whether ``path`` (not following a link) is the file open as ``fd``."""
     try:
@@ -457,7 +505,7 @@ class AtomicWriter:
             self._file.close()  # releases the lock only now: until the rename, the temp file is ours
         except FileExistsError as e:
             self.abort()
-            raise OutputError(f"{self.path} already exists", "use --force to overwrite it, or choose another name") from e
+            raise OutputError(f"{self.path} already exists", f"use {arg('force', True)} to overwrite it, or choose another name") from e
         except OSError as e:
             self.abort()
             raise output_error(self.path, e) from e

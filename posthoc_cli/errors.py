@@ -4,11 +4,48 @@ Every error the library raises on purpose is a :class:`PosthocError`. Its
 message reads ``<what went wrong> — <what to do>``; the CLI prints it as
 ``Error: <message>`` and exits with :attr:`PosthocError.exit_code`, so a user
 never sees a traceback for a mistake of theirs.
+
+A message that tells the user to change an argument names it with :func:`arg`
+(or :func:`spelled`), which keeps both spellings: ``str(error)`` names the Python
+argument (``force=True``), :func:`cli_text` the command line's flag (``--force``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+
+# An argument named in a message: both spellings between private-use characters, so that text
+# built from messages (a rank's error relayed to rank 0, a re-raised error) keeps them both.
+_OPEN, _BETWEEN, _CLOSE = "\ue000", "\ue001", "\ue002"
+_SPELLED = re.compile(f"{_OPEN}([^{_BETWEEN}]*){_BETWEEN}([^{_CLOSE}]*){_CLOSE}")
+# Python arguments whose flag is not --name-with-dashes.
+_FLAGS = {"t": "--step", "sigma_rels": "--sigma-rel"}
+_ANY = object()
+
+
+def spelled(python: str, cli: str) -> str:
+    """Text that reads ``python`` in Python and ``cli`` on the command line."""
+    return f"{_OPEN}{python}{_BETWEEN}{cli}{_CLOSE}"
+
+
+def arg(name: str, value: object = _ANY) -> str:
+    """The argument ``name`` (set to ``value``): ``force=True`` / ``--force``, ``t=5`` / ``--step 5``, ``out=…`` / ``--out``."""
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+    if value is _ANY:
+        return spelled(f"{name}=…", flag)
+    return spelled(f"{name}={value!r}", flag if value is True else f"{flag} {value}")
+
+
+def python_text(text: str) -> str:
+    """``text`` with its arguments spelled for Python."""
+    return _SPELLED.sub(r"\1", text)
+
+
+def cli_text(text: str | BaseException) -> str:
+    """``text`` (or an error's message) with its arguments spelled as the command line's flags."""
+    raw = text.message if isinstance(text, PosthocError) else str(text)
+    return _SPELLED.sub(r"\2", raw)
 
 
 class PosthocError(Exception):
@@ -17,9 +54,11 @@ class PosthocError(Exception):
     exit_code = 1
 
     def __init__(self, what: str, fix: str | None = None) -> None:
-        self.what = what
-        self.fix = fix
-        super().__init__(f"{what} — {fix}" if fix else what)
+        self.raw = (what, fix)  # with both spellings of the arguments named (see arg): to build another error
+        self.what = python_text(what)
+        self.fix = None if fix is None else python_text(fix)
+        self.message = f"{what} — {fix}" if fix else what  # raw too: cli_text reads it
+        super().__init__(python_text(self.message))
 
 
 class InvalidValueError(PosthocError, ValueError):
@@ -67,9 +106,10 @@ class FrozenWeightsError(PosthocError):
 class ParallelError(PosthocError):
     """Another rank of a parallel synthesis failed (its message), or stopped without a word."""
 
-    def __init__(self, what: str, fix: str | None = None, *, exit_code: int = 1) -> None:
+    def __init__(self, what: str, fix: str | None = None, *, exit_code: int = 1, lost_peer: bool = False) -> None:
         super().__init__(what, fix)
         self.exit_code = exit_code
+        self.lost_peer = lost_peer  # a rank died without a word: the process group is broken
 
 
 class ModelChangedError(PosthocError):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .container import Header, TensorEntry, read_header
 from .dtypes import SAFETENSORS_DTYPES
-from .errors import CatalogueError, FrozenWeightsError, ResumeError, SnapshotFileError
+from .errors import CatalogueError, FrozenWeightsError, ResumeError, SnapshotFileError, arg
 
 if TYPE_CHECKING:
     import torch
@@ -238,7 +238,7 @@ class FrozenRef:
         if self.file is None:
             raise CatalogueError(
                 f"{self.folder}: the snapshots keep their frozen weights in {_WHERE} (id {self.id}), which is missing",
-                f"put {FILE_NAME} or the frozen/ files back, or write only the averaged tensors with --trainable-only (trainable_only=True)",
+                f"put {FILE_NAME} or the frozen/ files back, or write only the averaged tensors with {arg('trainable_only', True)}",
             )
         return self.file
 

@@ -31,13 +31,16 @@ from . import dtypes
 from .container import TensorEntry, output_error, read_into
 from . import mapping
 from .chunked import Files, read_flat
-from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, PoorTargetError, SnapshotFileError
+from .errors import CatalogueError, InvalidValueError, NonFiniteError, OutputError, PoorTargetError, SnapshotFileError, arg, spelled
 from .frozen import FrozenRef, copy_frozen, frozen_ref, tag
 from .outputs import Output, OutputWriter, check_folder, hf_folder, parse_size, single_file
 from .profiles import Fit, sigma_rel_to_beta, sigma_rel_to_gamma
 from .quality import NOISE_BOUND, POOR, reproduced, unit_roundoff
 from .targets import Power, Target, check_initial, closest_power, fit_targets, parse_targets, target_name
-from .snapshots import FLOAT_DTYPES, SUFFIX, Catalogue, Snapshot, encode_metadata, layout_problems, library_info, scan, synthesized_name, utc_now
+from .snapshots import (
+    FLOAT_DTYPES, SUFFIX, Catalogue, Snapshot, encode_metadata, layout_problems, library_info, no_snapshots, scan,
+    synthesized_name, utc_now,
+)
 
 # Planning (scan, fit, output paths) needs no torch, so light commands can use this module; the
 # functions that move tensor data import torch themselves, when a synthesis starts.
@@ -48,6 +51,7 @@ SLICE_BYTES = 24 << 20  # input bytes (all inputs together) per slice; two slice
 _MAP_MIN_BYTES = mapping.PAGE  # narrower slices (per input) are cheaper to read than to map
 _PREFETCH_BYTES = 1 << 20  # read-ahead hints only for slices this large (one syscall per input each)
 ACCUMULATE = {"float32": "F32", "float64": "F64"}  # accumulation dtypes: name → safetensors code
+_EXAMPLE_TARGETS = spelled("sigma_rels=0.15 or sigma_rels='beta=0.9999'", "--sigma-rel 0.15 or --beta 0.9999")
 # NOISE_BOUND: relative rounding error we accept in a synthesized tensor before warning (see Plan.warnings).
 
 
@@ -123,14 +127,11 @@ def plan(
     """
     targets = tuple(parse_targets(sigma_rels))
     if not targets:
-        raise InvalidValueError("no target given", "pass at least one, e.g. --sigma-rel 0.15 or --beta 0.9999")
+        raise InvalidValueError("no target given", f"pass at least one, e.g. {_EXAMPLE_TARGETS}")
     catalogue = scan(ckpt_dir)
     catalogue.raise_if_broken()
     if not catalogue.series:
-        raise CatalogueError(
-            f"no posthoc-ema snapshots in {catalogue.folder}",
-            "record some with posthoc_cli.Recorder, or pass the folder it wrote",
-        )
+        raise no_snapshots(catalogue.folder, "record some with posthoc_cli.Recorder, or pass the folder it wrote")
     snaps = catalogue.snapshots
     first, latest = snaps[0].t, catalogue.latest_t
     t_reason = None
@@ -138,7 +139,7 @@ def plan(
         t, t_reason = catalogue.complete_t, _default_t_reason(catalogue)
     if not first <= t <= latest:
         raise InvalidValueError(
-            f"--step {t} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
+            f"{arg('t', t)} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
         )
     recorded = sorted(catalogue.series)
     if len(recorded) == 1 and any(target.sigma_rel != recorded[0] for target in targets):
@@ -201,14 +202,14 @@ def _refuse_poor(targets: Sequence[Target], errors: np.ndarray, usable: list[Sna
         can = f"these snapshots reproduce sigma_rel {lo:g}..{hi:g}{betas} within {POOR:g} at t={t}"
     last = usable[-1].t  # the end of a profile after the last snapshot is recorded by none
     if last < t:
-        where = f"use --step {last}"
+        where = f"use {arg('t', last)}"
     elif complete_t < t:  # some series stop before t: the fit rests on the others
-        where = f"pick a target in that range, or use --step {complete_t} (every sigma_rel has a snapshot there)"
+        where = f"pick a target in that range, or use {arg('t', complete_t)} (every sigma_rel has a snapshot there)"
     else:
         where = "pick a target in that range"
     raise PoorTargetError(
         f"{target_name(target)}: profile error {error:.2g} is above {POOR:g}{more}; {can}",
-        f"{where}, or pass --allow-poor to write it anyway",
+        f"{where}, or pass {arg('allow_poor', True)} to write it anyway",
     )
 
 
@@ -677,11 +678,11 @@ def _nonfinite(p: Plan, s: _Slice, reader: _Reader | _ChunkReader, out_dtype: to
         more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
         return NonFiniteError(
             f"tensor {s.entry.name!r} in {bad[0]} holds NaN or Inf{more}",
-            "move that snapshot out of the folder, or pass --allow-nonfinite to write the result anyway",
+            f"move that snapshot out of the folder, or pass {arg('allow_nonfinite', True)} to write the result anyway",
         )
     return NonFiniteError(
         f"tensor {s.entry.name!r} overflows {str(out_dtype).removeprefix('torch.')} after averaging",
-        "use --dtype float32, or pass --allow-nonfinite to write it anyway",
+        f"use {arg('dtype', 'float32')}, or pass {arg('allow_nonfinite', True)} to write it anyway",
     )
 
 
@@ -732,23 +733,23 @@ def output_paths(
     """
     names = [output_name(target, p.t) for target in p.targets]
     if len(names) != len(set(names)):
-        raise InvalidValueError("the same target is asked for twice", "give each --sigma-rel, --beta or --ema once")
+        raise InvalidValueError("the same target is asked for twice", f"give each {spelled('target', '--sigma-rel, --beta or --ema')} once")
     if max_shard_size is not None:
         parse_size(max_shard_size)
         if len(names) == 1 and out is not None:
             return [Path(out)]
         folder = Path(out) if out is not None else Path.cwd()
         if folder.exists() and not folder.is_dir():
-            raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
+            raise OutputError(f"{folder} is a file, but several targets need a folder", f"pass a folder as {arg('out')}")
         return [folder / name.removesuffix(SUFFIX) for name in names]
     folder_named = out is not None and str(out).endswith(("/", os.sep))  # Path() would drop the slash
     if len(p.targets) == 1 and out is not None and not Path(out).is_dir() and not folder_named:
         return [Path(out)]
     folder = Path(out) if out is not None else Path.cwd()
     if folder.suffix == SUFFIX and not folder.is_dir():
-        raise OutputError(f"{folder} looks like a file name, but several targets need a folder", "pass a folder to --out")
+        raise OutputError(f"{folder} looks like a file name, but several targets need a folder", f"pass a folder as {arg('out')}")
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file, but several targets need a folder", "pass a folder to --out")
+        raise OutputError(f"{folder} is a file, but several targets need a folder", f"pass a folder as {arg('out')}")
     return [folder / name for name in names]
 
 
@@ -767,9 +768,9 @@ def check_outputs(p: Plan, paths: list[Path], force: bool, *, folders: bool = Fa
             check_folder(path, force)
             continue
         if path.is_dir():
-            raise OutputError(f"{path} is a folder", "pass a file path to --out, or remove that folder")
+            raise OutputError(f"{path} is a folder", f"pass a file path as {arg('out')}, or remove that folder")
         if path.exists() and not force:
-            raise OutputError(f"{path} already exists", "use --force to overwrite it, or choose another --out")
+            raise OutputError(f"{path} already exists", f"use {arg('force', True)} to overwrite it, or choose another {arg('out')}")
 
 
 def make_folders(folder: Path) -> list[Path]:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .container import AtomicWriter, _fsync_dir, output_error, tensor_bytes
+from .container import AtomicWriter, _fsync_dir, hold, output_error, remove_leftovers, tensor_bytes
 from .dtypes import SAFETENSORS_DTYPES
-from .errors import InvalidValueError, OutputError
+from .errors import InvalidValueError, OutputError, arg
 
 if TYPE_CHECKING:  # planning an output needs no torch (light commands import this module)
     import torch
@@ -61,7 +61,7 @@ def parse_size(size: str | int) -> int:
     result = int(value * SIZE_UNITS.get(unit, 1)) if math.isfinite(value) else -1
     if not result > 0:
         raise InvalidValueError(
-            f"--max-shard-size {size!r} is not a size", "give bytes or a number with KB, MB, GB or TB, e.g. 5GB"
+            f"{arg('max_shard_size', size)} is not a size", "give bytes or a number with KB, MB, GB or TB, e.g. 5GB"
         )
     return result
 
@@ -146,7 +146,7 @@ def check_folder(path: Path, force: bool) -> None:
     if not path.exists():
         return
     if not path.is_dir():
-        raise OutputError(f"{path} is a file, but --max-shard-size writes a folder", "pass a folder to --out")
+        raise OutputError(f"{path} is a file, but {arg('max_shard_size')} writes a folder", f"pass a folder as {arg('out')}")
     try:
         names = [entry.name for entry in os.scandir(path)]
     except OSError as e:
@@ -154,11 +154,11 @@ def check_folder(path: Path, force: bool) -> None:
     if not names:
         return
     if not force:
-        raise OutputError(f"{path} already exists", "use --force to replace it, or choose another --out")
+        raise OutputError(f"{path} already exists", f"use {arg('force', True)} to replace it, or choose another {arg('out')}")
     others = sorted(n for n in names if not re.fullmatch(_OURS, n) or not (path / n).is_file())
     if others:
         raise OutputError(
-            f"{path} holds other files than model weights ({', '.join(others[:3])}); --force replaces only a folder of weights",
+            f"{path} holds other files than model weights ({', '.join(others[:3])}); {arg('force', True)} replaces only a folder of weights",
             "write to a new folder and copy the other files next to the weights",
         )
 
@@ -179,9 +179,12 @@ class OutputWriter:
         self.writers: list[AtomicWriter] = []
         self._current = 0
         self._left = output.files[0].nbytes
+        self._held: int | None = None  # the temp folder's lock, so that other runs never take it for a leftover
+        remove_leftovers(output.path.parent)
         try:
             if output.folder:
                 self._temp = _temp_folder(output.path)
+                self._held = hold(self._temp)
                 folder = self._temp
                 self.writers = [AtomicWriter(folder / f.name, f.layout, f.metadata) for f in output.files]
             else:
@@ -230,6 +233,7 @@ class OutputWriter:
             self.abort()
             raise
         self._temp = None
+        self._release()
         _fsync_dir(self.output.path.parent)
         return self.output.path
 
@@ -240,6 +244,12 @@ class OutputWriter:
         if self._temp is not None:
             shutil.rmtree(self._temp, ignore_errors=True)
             self._temp = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
 
 def _temp_folder(final: Path, suffix: str = ".tmp") -> Path:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .container import DTYPES, output_error, tensor_bytes
-from .errors import InvalidValueError, ParallelError, PosthocError
+from .errors import InvalidValueError, ParallelError, PosthocError, arg
 from .frozen import copy_frozen
 from .merge import (
     Plan,
@@ -66,7 +66,7 @@ def launched() -> bool:
 def _describe(error: BaseException) -> tuple[int, str]:
     """The exit code and one-line message a rank reports for its error."""
     if isinstance(error, PosthocError):
-        return error.exit_code, str(error)
+        return error.exit_code, error.message  # both spellings: rank 0's CLI prints the flags
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         return 1, f"{where}{error.strerror or error} — check the path and its permissions"
@@ -83,6 +83,7 @@ class Team:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self._owns_default = owns_default
+        self._broken = False  # a peer died: the group cannot be torn down collectively
 
     @classmethod
     def join(cls, timeout: timedelta | None = None) -> Team:
@@ -99,7 +100,8 @@ class Team:
         return cls(owns_default=True)
 
     def close(self) -> None:
-        if self._owns_default and dist.is_initialized():
+        # Tearing down a group whose peer is gone waits on (or aborts in) gloo's C++: leave it to the exit.
+        if self._owns_default and dist.is_initialized() and not self._broken:
             dist.destroy_process_group()
             self._owns_default = False
 
@@ -116,9 +118,11 @@ class Team:
         try:
             dist.all_gather_object(out, item, group=self.group)
         except Exception as e:  # a peer died: gloo reports a closed connection or a timeout
+            self._broken = True
             raise ParallelError(
                 f"another rank of the parallel synthesis stopped without reporting why ({type(e).__name__})",
                 "see that rank's log (torchrun names the failed rank); nothing was written",
+                lost_peer=True,
             ) from e
         return out
 
@@ -198,7 +202,7 @@ class Team:
         # buffers) are not split yet. Every rank decides alike from the plan.
         if trainable_only and not all(e.is_floating_point for e in p.entries):
             raise InvalidValueError(
-                "parallel synthesis cannot yet leave buffers out (--trainable-only on a model with integer buffers)",
+                f"parallel synthesis cannot yet leave buffers out ({arg('trainable_only', True)} on a model with integer buffers)",
                 "run posthoc-ema synthesize in one process (without torchrun) for this recording",
             )
         frozen = frozen_part(p, trainable_only)

@@ -20,7 +20,7 @@ from fractions import Fraction
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .errors import InvalidValueError
+from .errors import InvalidValueError, arg
 
 SIGMA_REL_MAX: float = 12**-0.5  # sigma_rel of gamma = 0 (a uniform average)
 # Below this, sigma_rel⁻² and gamma³ leave float range; such EMAs (gamma ~ 1e100) are no use anyway.
@@ -463,7 +463,7 @@ def sigma_rel_to_beta(sigma_rel: float, steps: int, update_every: int = 1) -> fl
 def _beyond_float64(sigma_rel: float, t: int) -> InvalidValueError:
     return InvalidValueError(
         f"sigma_rel {sigma_rel!r} after {t} steps needs a decay closer to 1 than a float64 can hold",
-        "give the training length in coarser units (e.g. per 1,000 steps) or use --update-every",
+        f"give the training length in coarser units (e.g. per 1,000 steps) or use {arg('update_every')}",
     )
 
 

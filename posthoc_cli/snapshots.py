@@ -283,6 +283,37 @@ class Catalogue:
             )
 
 
+# The folder the trainer integrations write into, inside the run's output folder: looked at first.
+INTEGRATIONS_FOLDER = "posthoc-ema"
+
+
+def no_snapshots(folder: Path, fix: str) -> CatalogueError:
+    """The error for a folder without snapshots. Given a run's folder, whose snapshots are one level
+    down (``run/posthoc-ema``, where the trainer integrations write), it names that folder instead."""
+    below = folders_with_snapshots(folder)
+    if below:
+        where = " and ".join(map(str, below[:3])) + (" …" if len(below) > 3 else "")
+        fix = f"the snapshots are in {where}: pass {'that folder' if len(below) == 1 else 'one of those folders'}"
+    return CatalogueError(f"no posthoc-ema snapshots in {folder}", fix)
+
+
+def folders_with_snapshots(folder: Path) -> list[Path]:
+    """The immediate subfolders of ``folder`` that hold snapshots (headers only; on the error path alone)."""
+    try:
+        subfolders = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                            key=lambda p: (p.name != INTEGRATIONS_FOLDER, p.name))
+    except OSError:
+        return []
+    found = []
+    for sub in subfolders:
+        try:
+            if scan(sub).series:
+                found.append(sub)
+        except (CatalogueError, OSError):  # unreadable, or gone meanwhile: not where the snapshots are
+            continue
+    return found
+
+
 def _data_digest(snap: Snapshot) -> bytes:
     """A hash of the tensors (names, layout, bytes); headers differ in `created` alone."""
     h = hashlib.blake2b()

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .errors import InvalidValueError
+from .errors import InvalidValueError, spelled
 from .profiles import (
     SIGMA_REL_MAX,
     Fit,
@@ -157,7 +157,8 @@ def parse_target(target: str | float | Target) -> Target:
     except InvalidValueError as e:
         if e.what.startswith("target "):
             raise
-        raise InvalidValueError(f"target {spec!r}: {e.what}", e.fix) from None
+        what, fix = e.raw
+        raise InvalidValueError(f"target {spec!r}: {what}", fix) from None
     except TypeError as e:  # e.g. a missing required argument
         raise InvalidValueError(f"target {spec!r}: {e}", f"use one of: {ACCEPTED}") from None
 
@@ -249,7 +250,7 @@ def fit_targets(
         raise InvalidValueError(f"{ti.size} input times for {si.size} input sigma_rels", "give one (t, sigma_rel) per snapshot")
     parsed = parse_targets(targets)
     if not parsed:
-        raise InvalidValueError("no target given", "pass at least one, e.g. --sigma-rel 0.15 or --beta 0.999")
+        raise InvalidValueError("no target given", f"pass at least one, e.g. {spelled('0.15 or beta=0.999', '--sigma-rel 0.15 or --beta 0.999')}")
     t_r = float(t)
     used = ti <= t_r
     if not used.any():

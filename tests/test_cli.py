@@ -301,7 +301,7 @@ def test_output_under_a_regular_file_is_not_writable(recorded, work):
     assert files(work) == {"blocker": b"a file, not a folder"}
     result = run("synthesize", recorded, "-s", 0.12, "-s", 0.18, "--out", blocker)
     assert result.exit_code == 1
-    assert error_line(result) == f"Error: {blocker} is a file, but several targets need a folder — pass a folder to --out"
+    assert error_line(result) == f"Error: {blocker} is a file, but several targets need a folder — pass a folder as --out"
 
 
 def test_output_that_is_an_input_is_refused(recorded):

@@ -226,7 +226,7 @@ def test_after_a_killed_run_the_default_time_is_the_latest_every_series_reached(
     assert plan(folder, [0.15]).t == 380
     # at t=400 the fit rests on the 0.05 series alone: poor, refused, and the refusal names the better time
     assert plan(folder, [0.15], t=400, allow_poor=True).fit.profile_error[0] > 0.05
-    with pytest.raises(PoorTargetError, match=r"or use --step 380 \(every sigma_rel has a snapshot there\)"):
+    with pytest.raises(PoorTargetError, match=r"or use t=380 \(every sigma_rel has a snapshot there\)"):
         plan(folder, [0.15], t=400)
     work = tmp_path / "work"
     work.mkdir()

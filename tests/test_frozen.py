@@ -133,7 +133,7 @@ def test_missing_or_corrupt_frozen_file_is_a_clear_error(tmp_path):
     frozen = folder / FILE_NAME
     data = frozen.read_bytes()
     frozen.unlink()
-    with pytest.raises(CatalogueError, match="frozen.safetensors .* which is missing .*--trainable-only"):
+    with pytest.raises(CatalogueError, match="frozen.safetensors .* which is missing .*trainable_only=True"):
         synthesize(folder, 0.08, out=tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
     synthesize(folder, 0.08, out=tmp_path / "b.safetensors", trainable_only=True)  # needs no frozen file

@@ -34,7 +34,7 @@ def test_sizes_are_read_as_huggingface_hub_reads_them(text):
 
 @pytest.mark.parametrize("bad", ["", "GB", "0", "-5MB", "5XB", "five", "1.5", "nanGB", "infTB"])
 def test_bad_sizes_are_refused(bad):
-    with pytest.raises(posthoc_cli.InvalidValueError, match="--max-shard-size"):
+    with pytest.raises(posthoc_cli.InvalidValueError, match="max_shard_size="):
         parse_size(bad)
 
 

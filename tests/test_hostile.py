@@ -331,9 +331,9 @@ def test_special_files_under_a_snapshot_name_never_hang_or_crash(folder, tmp_pat
 def test_foreign_and_synthesized_files_are_skipped_not_broken(folder, tmp_path):
     write_file(folder / "foreign.safetensors", [("x", torch.ones(2))], {"format": "pt"})
     (folder / "notes.txt").write_text("hello")
-    (folder / "half.safetensors.tmp").write_bytes(b"\x10\x00")
     (folder / "sub.safetensors").mkdir()
     posthoc_cli.synthesize(folder, 0.07, out=folder / "ema-s0.070-t30.safetensors")
+    (folder / "half.safetensors.tmp").write_bytes(b"\x10\x00")  # after: synthesis removes a dead run's leftovers
     catalogue = scan(folder)
     assert not catalogue.broken and sum(len(s) for s in catalogue.series.values()) == 6
     reasons = {s.path.name: s.reason for s in catalogue.ignored}
@@ -422,7 +422,7 @@ def test_nonfinite_values_are_reported_with_tensor_and_file(folder, tmp_path, ba
     with pytest.raises(posthoc_cli.NonFiniteError, match=rf"tensor 'b' in {re.escape(str(victim))} holds NaN or Inf"):
         posthoc_cli.load_synthesized(folder, 0.07)
     out = tmp_path / "o.safetensors"
-    with pytest.raises(posthoc_cli.NonFiniteError, match="--allow-nonfinite"):
+    with pytest.raises(posthoc_cli.NonFiniteError, match="allow_nonfinite=True"):
         posthoc_cli.synthesize(folder, 0.07, out=out)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
     result = CliRunner().invoke(app, ["synthesize", str(folder), "-s", "0.07", "--out", str(out)])
@@ -447,7 +447,7 @@ def test_overflow_of_the_output_dtype_is_reported(tmp_path):
             meta = snapshot_metadata(sigma_rel=sigma_rel, gamma=sigma_rel_to_gamma(sigma_rel), t=t, time_unit="step", updates=t, dtype="float16")
             value = 65000.0 if sigma_rel == 0.10 else -65000.0
             write_file(folder / snapshot_name(sigma_rel, t), [("w", torch.full((4,), value, dtype=torch.float16))], meta)
-    with pytest.raises(posthoc_cli.NonFiniteError, match="tensor 'w' overflows float16 after averaging — use --dtype float32"):
+    with pytest.raises(posthoc_cli.NonFiniteError, match="tensor 'w' overflows float16 after averaging — use dtype='float32'"):
         posthoc_cli.load_synthesized(folder, 0.15, allow_poor=True)  # poor on purpose: it needs weights < 0
     assert torch.isfinite(posthoc_cli.load_synthesized(folder, 0.15, dtype="float32", allow_poor=True)["w"]).all()
 

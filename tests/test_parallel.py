@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -155,3 +159,95 @@ def test_one_process_never_touches_torch_distributed(recorded, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+# -- rank 0 killed mid-synthesis (SIGKILL: no clean-up of its own) ----------------------------------
+
+
+def _record_big(folder: Path) -> Path:
+    """4.2 M parameters (17 MB a snapshot), 6 snapshots: a synthesis long enough to be killed midway."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 2048), nn.Linear(2048, 1024))
+    with posthoc_cli.Recorder(model, folder, sigma_rels=(0.05, 0.10), snapshot_every=2) as rec:
+        for _ in range(6):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.01)
+            rec.update()
+    return folder  # 6 updates: every length is poor here, so the runs below pass --allow-poor (they test kills)
+
+
+def _rank_pids(parent: int) -> dict[str, int]:
+    """RANK → pid of ``parent``'s children (torchrun's workers), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] != str(parent):
+                continue
+            env = dict(x.split("=", 1) for x in (entry / "environ").read_bytes().decode().split("\0") if "=" in x)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[env["RANK"]] = int(entry.name)
+    return found
+
+
+def _kill_when_writing(process: subprocess.Popen[str], out: Path, pid: Callable[[], int]) -> None:
+    """SIGKILL the process ``pid()`` names once the outputs' temporary files exist (mid-synthesis)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any(p.name.endswith(".tmp") for p in out.rglob("*")):
+        assert process.poll() is None and time.monotonic() < deadline, "the synthesis ended before it could be killed"
+        time.sleep(0.002)
+    os.kill(pid(), signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's ranks in /proc")
+def test_leftovers_of_a_killed_rank_0_are_removed_by_the_next_run(tmp_path):
+    big = _record_big(tmp_path / "big")
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "posthoc_cli",
+               "synthesize", str(big), "-s", "0.15", "-s", "0.07", "--allow-poor", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as run:
+        _kill_when_writing(run, out, lambda: _rank_pids(run.pid)["0"])
+        _, stderr = run.communicate(timeout=TIMEOUT)
+    assert run.returncode == 1 and "SIGKILL" in stderr
+    assert "SIGABRT" not in stderr and "exitcode  : -6" not in stderr
+    assert final_names(out) == [] and list(out.glob("*.tmp"))  # what a SIGKILL leaves: temporary files
+    # The next run, writing other outputs into that folder, removes them (no process holds them).
+    result = torchrun(2, "synthesize", big, "-s", "0.1", "--allow-poor", "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["ema-s0.100-t6.safetensors"]
+
+
+def test_the_survivors_of_a_killed_rank_0_say_so_and_exit_1(tmp_path):
+    """Ranks started as torchrun starts them, without its agent (which would SIGTERM the survivors at once)."""
+    big = _record_big(tmp_path / "big")
+    out = tmp_path / "out"
+    out.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(3):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "3",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "posthoc_cli", "synthesize", str(big), "-s", "0.15",
+                                       "-s", "0.07", "--allow-poor", "--out", str(out)], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        _kill_when_writing(ranks[0], out, lambda: ranks[0].pid)
+        reports = [p.communicate(timeout=TIMEOUT) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert ranks[0].returncode == -signal.SIGKILL
+    for rank in (1, 2):
+        assert ranks[rank].returncode == 1, reports[rank]
+        [line] = reports[rank][1].splitlines()
+        assert line.startswith(f"Error: rank {rank}: another rank of the parallel synthesis stopped without reporting why")
+        assert line.endswith("— see that rank's log (torchrun names the failed rank); nothing was written")
+    assert final_names(out) == []
