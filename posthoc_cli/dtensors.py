@@ -139,17 +139,76 @@ def _world_mesh(mesh: Any, replicate: list[bool]) -> tuple[torch.Tensor | None, 
     return root.mesh, [d for d in range(len(root_names)) if within.get(d, True)]
 
 
+def _pieces(index: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``index`` cut in ``count`` pieces as ``Shard`` cuts a dimension (torch.chunk; missing pieces empty)."""
+    pieces = list(torch.chunk(index, count))
+    return pieces + [index[:0]] * (count - len(pieces))
+
+
+def _held(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """The global indices along ``dim`` of this rank's local rows, in their local order.
+
+    The placements are applied left to right, as DTensor defines them: ``Shard``
+    cuts what is left of the dimension and keeps this rank's piece;
+    ``_StridedShard(sf)`` (FSDP2 over TP on the same dimension) first cuts it in
+    ``sf`` pieces, each of those in mesh-size pieces, and keeps this rank's piece
+    of each, one after another. Only indices: a few integers per row, no data.
+    """
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    index = torch.arange(tensor.shape[dim])
+    for mesh_dim, p in enumerate(tensor.placements):  # type: ignore[attr-defined]
+        if not isinstance(p, (Shard, _StridedShard)) or p.dim != dim:
+            continue
+        n, mine = mesh.size(mesh_dim), coordinate[mesh_dim]
+        groups = _pieces(index, int(p.split_factor)) if isinstance(p, _StridedShard) else [index]
+        index = torch.cat([_pieces(group, n)[mine] for group in groups])
+    return index
+
+
+def _local_box(tensor: torch.Tensor, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where this rank's local shard of ``tensor`` starts in the global tensor, and its shape.
+
+    The local shard must be one box of the global tensor, its rows in global
+    order, so that it is stored as one chunk: true of ``Shard`` and of FSDP2 over
+    TP's ``_StridedShard``, whose later ``Shard`` picks one of the ``sf`` pieces;
+    other strided layouts hold pieces scattered over the tensor and are refused.
+    """
+    offsets = []
+    for dim in range(tensor.dim()):
+        held = _held(tensor, dim)
+        start = int(held[0]) if len(held) else int(tensor.shape[dim])  # an empty shard sits at the end, as in torch
+        if not torch.equal(held, torch.arange(start, start + len(held))):
+            raise InvalidValueError(
+                f"the model holds {name}, whose local shards are not one block of the tensor each "
+                f"(indices {held.tolist()[:8]} of dimension {dim} here)",
+                "record a layout whose strided placement is followed by a Shard of the same dimension (FSDP2 over TP as fully_shard makes it)",
+            )
+        offsets.append(start)
+    shape = tuple(int(n) for n in tensor._local_tensor.shape)  # type: ignore[attr-defined]
+    return tuple(offsets), shape
+
+
+def local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where a DTensor's local shard starts in the global tensor, and its shape (refused unless it is one box)."""
+    return _local_box(tensor, f"a {type(tensor).__name__} with placements {tensor.placements}")  # type: ignore[attr-defined]
+
+
 def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
     """The global ranks that write ``tensor`` (a DTensor) and this rank's chunk of it."""
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
     name = lambda: f"a {type(tensor).__name__} with placements {placements}"  # noqa: E731
     for p in placements:
-        if not (isinstance(p, Replicate) or type(p) is Shard):  # Partial, _StridedShard: not a box of the global tensor
+        if not isinstance(p, (Replicate, Shard, _StridedShard)):  # Partial: pending sums, not the tensor's values
             raise InvalidValueError(
-                f"the model holds {name()}: only Shard and Replicate placements can be recorded without communication",
-                "record a model sharded with fully_shard, parallelize_module or HSDP on one mesh (not FSDP over TP on the same dimension)",
+                f"the model holds {name()}: only Shard, _StridedShard and Replicate placements can be recorded without communication",
+                "record the model after its pending reductions (a Partial placement is an intermediate result, not a parameter)",
             )
     world = torch.distributed.get_world_size()
     ranks, replicated = _world_mesh(mesh, [isinstance(p, Replicate) for p in placements])
@@ -158,10 +217,9 @@ def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
             f"the model holds {name()} on a mesh of {mesh.mesh.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
             "put every rank in the DTensor's mesh (e.g. HSDP on a 2-D mesh instead of a sub-mesh plus DDP)",
         )
-    (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
+    offsets, local_shape = _local_box(tensor, name())
     for dim in replicated:
         ranks = ranks.narrow(dim, 0, 1)
-    offsets, local_shape = tuple(int(o) for o in chunk.offsets), tuple(int(n) for n in chunk.sizes)
     writers = set(ranks.flatten().tolist())
     me = torch.distributed.get_rank()
     return writers, LocalChunk(tuple(tensor.shape), offsets, local_shape, me in writers)
@@ -197,4 +255,4 @@ def shard_plan(state: Mapping[str, torch.Tensor]) -> ShardPlan | None:
     return ShardPlan(order.index(me) if me in everyone else None, len(order), chunks, mesh_shape)
 
 
-__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "rebuild", "refuse_unsupported", "shard_plan", "spec"]
+__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "local_box", "rebuild", "refuse_unsupported", "shard_plan", "spec"]
