@@ -24,6 +24,8 @@ the others:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import sys
 from collections.abc import Mapping
@@ -139,34 +141,61 @@ def _world_mesh(mesh: Any, replicate: list[bool]) -> tuple[torch.Tensor | None, 
     return root.mesh, [d for d in range(len(root_names)) if within.get(d, True)]
 
 
+Cut = tuple[int, int]  # one mesh dimension sharding a tensor dimension: (its size, the split factor; 0 for Shard)
+
+
 def _pieces(index: torch.Tensor, count: int) -> list[torch.Tensor]:
     """``index`` cut in ``count`` pieces as ``Shard`` cuts a dimension (torch.chunk; missing pieces empty)."""
     pieces = list(torch.chunk(index, count))
     return pieces + [index[:0]] * (count - len(pieces))
 
 
-def _held(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """The global indices along ``dim`` of this rank's local rows, in their local order.
+def _indices(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> torch.Tensor:
+    """The global indices, in local order, that the rank at ``coordinate`` (on the cutting mesh dims) holds of a dimension.
 
-    The placements are applied left to right, as DTensor defines them: ``Shard``
-    cuts what is left of the dimension and keeps this rank's piece;
-    ``_StridedShard(sf)`` (FSDP2 over TP on the same dimension) first cuts it in
-    ``sf`` pieces, each of those in mesh-size pieces, and keeps this rank's piece
-    of each, one after another. Only indices: a few integers per row, no data.
+    The cuts apply left to right, as DTensor defines placements: ``Shard`` cuts
+    what is left and keeps this rank's piece; ``_StridedShard(sf)`` (FSDP2 over
+    TP on the same dimension) first cuts it in ``sf`` pieces, each of those in
+    mesh-size pieces, and keeps this rank's piece of each, one after another.
+    Only indices: a few integers per row, no data.
     """
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    mesh = tensor.device_mesh  # type: ignore[attr-defined]
-    coordinate = mesh.get_coordinate()
-    index = torch.arange(tensor.shape[dim])
-    for mesh_dim, p in enumerate(tensor.placements):  # type: ignore[attr-defined]
-        if not isinstance(p, (Shard, _StridedShard)) or p.dim != dim:
-            continue
-        n, mine = mesh.size(mesh_dim), coordinate[mesh_dim]
-        groups = _pieces(index, int(p.split_factor)) if isinstance(p, _StridedShard) else [index]
+    index = torch.arange(size)
+    for (n, split), mine in zip(cuts, coordinate):
+        groups = _pieces(index, split) if split else [index]
         index = torch.cat([_pieces(group, n)[mine] for group in groups])
     return index
+
+
+def _nested(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> torch.Tensor:
+    """The indices as FSDP2 over TP lays them out: the other cuts first, then the strided one(s) cut what is left."""
+    index = torch.arange(size)
+    order = sorted(range(len(cuts)), key=lambda k: bool(cuts[k][1]))  # stable: the plain cuts keep their order
+    for k in order:
+        index = _pieces(index, cuts[k][0])[coordinate[k]]
+    return index
+
+
+def _is_block(held: torch.Tensor) -> bool:
+    """Whether ``held`` is ``start, start + 1, …``: one box along the dimension, in order."""
+    return len(held) == 0 or torch.equal(held, torch.arange(int(held[0]), int(held[0]) + len(held)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _scattered(size: int, cuts: tuple[Cut, ...]) -> tuple[list[int], tuple[int, ...]] | None:
+    """Some coordinate's indices that are not one block, with that coordinate (None: every rank holds a block).
+
+    A strided layout is recorded only where the placements' meaning (left to
+    right) and FSDP2's actual layout (the TP shard cut again, :func:`_nested`)
+    agree on every rank: they part for some uneven sizes (25 rows on dp 4 x tp 2),
+    where no reading of the placements alone is safe. Every rank checks every
+    coordinate, so all refuse a layout together instead of some training on
+    while others stop; cached, as a model repeats a few shapes.
+    """
+    for coordinate in itertools.product(*(range(n) for n, _ in cuts)):
+        held = _indices(size, cuts, coordinate)
+        if not _is_block(held) or not torch.equal(held, _nested(size, cuts, coordinate)):
+            return held.tolist()[:8], coordinate
+    return None
 
 
 def _local_box(tensor: torch.Tensor, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -177,17 +206,25 @@ def _local_box(tensor: torch.Tensor, name: str) -> tuple[tuple[int, ...], tuple[
     TP's ``_StridedShard``, whose later ``Shard`` picks one of the ``sf`` pieces;
     other strided layouts hold pieces scattered over the tensor and are refused.
     """
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
     offsets = []
     for dim in range(tensor.dim()):
-        held = _held(tensor, dim)
-        start = int(held[0]) if len(held) else int(tensor.shape[dim])  # an empty shard sits at the end, as in torch
-        if not torch.equal(held, torch.arange(start, start + len(held))):
+        along = [(m, p) for m, p in enumerate(placements) if isinstance(p, (Shard, _StridedShard)) and p.dim == dim]
+        cuts = tuple((mesh.size(m), int(p.split_factor) if isinstance(p, _StridedShard) else 0) for m, p in along)
+        bad = _scattered(int(tensor.shape[dim]), cuts) if any(split for _, split in cuts) else None
+        if bad is not None:
             raise InvalidValueError(
-                f"the model holds {name}, whose local shards are not one block of the tensor each "
-                f"(indices {held.tolist()[:8]} of dimension {dim} here)",
-                "record a layout whose strided placement is followed by a Shard of the same dimension (FSDP2 over TP as fully_shard makes it)",
+                f"the model holds {name}, whose local shards are not one block of the tensor each, in the same place as "
+                f"FSDP2 over TP puts them (indices {bad[0]} of dimension {dim} at mesh coordinate {list(bad[1])})",
+                "shard as FSDP2 over TP does (fully_shard after parallelize_module), with that dimension divisible by "
+                "the product of the mesh sizes sharding it",
             )
-        offsets.append(start)
+        held = _indices(int(tensor.shape[dim]), cuts, tuple(coordinate[m] for m, _ in along))
+        offsets.append(int(held[0]) if len(held) else int(tensor.shape[dim]))  # an empty shard sits at the end, as in torch
     shape = tuple(int(n) for n in tensor._local_tensor.shape)  # type: ignore[attr-defined]
     return tuple(offsets), shape
 

@@ -187,9 +187,23 @@ def test_elastic_resume_into_and_out_of_the_strided_layout(tmp_path, reference):
     assert_synthesizes_like(folder, reference, tmp_path)
 
 
+def test_every_rank_judges_the_whole_strided_layout():
+    """FSDP2 over TP (_StridedShard(sf=tp) on dp, then Shard on tp) is recorded wherever the placements' meaning
+    and FSDP2's layout (the TP shard cut again) agree on every rank: any size on 2 x 2 and 2 x 4, multiples of
+    dp x tp on any mesh; elsewhere (25 rows on 4 x 2) every rank refuses, also those whose own rows agree."""
+    from posthoc_cli.dtensors import _scattered
+
+    for dp, tp in ((2, 2), (2, 4)):
+        assert all(_scattered(rows, ((dp, tp), (tp, 0))) is None for rows in range(0, 40)), (dp, tp)
+    for dp, tp in ((4, 2), (3, 5), (8, 8)):
+        assert all(_scattered(rows, ((dp, tp), (tp, 0))) is None for rows in range(0, 400, dp * tp)), (dp, tp)
+    assert _scattered(25, ((4, 2), (2, 0))) == ([12, 22], (3, 0))  # FSDP2 puts row 12 alone there
+    assert _scattered(3, ((2, 2),)) == ([0, 2], (0,))  # coordinate 1 holds [1], a block, but refuses too
+
+
 @pytest.mark.parametrize(("layout", "message"), [
-    ("scattered", r"placements \(_StridedShard\(dim=0, sf=2\),\), whose local shards are not one block of the tensor each "
-                  r"\(indices \[0, 1, 4, 5\] of dimension 0 here\) — record a layout whose strided placement is followed by a Shard"),
+    ("scattered", r"placements \(_StridedShard\(dim=0, sf=2\),\), whose local shards are not one block of the tensor each, "
+                  r"in the same place as FSDP2 over TP puts them \(indices \[0, 1, 4, 5\] of dimension 0 at mesh coordinate \[0\]\) — shard as FSDP2"),
     ("partial", r"placements \(Partial\(sum\),\): only Shard, _StridedShard and Replicate placements can be recorded without communication — "),
 ])
 def test_strided_shards_that_are_not_one_block_and_partial_placements_are_refused(tmp_path, layout, message):
