@@ -24,6 +24,8 @@ the others:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import sys
 from collections.abc import Mapping
@@ -139,17 +141,111 @@ def _world_mesh(mesh: Any, replicate: list[bool]) -> tuple[torch.Tensor | None, 
     return root.mesh, [d for d in range(len(root_names)) if within.get(d, True)]
 
 
+Cut = tuple[int, int]  # one mesh dimension sharding a tensor dimension: (its size, the split factor; 0 for Shard)
+
+
+def _pieces(index: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``index`` cut in ``count`` pieces as ``Shard`` cuts a dimension (torch.chunk; missing pieces empty)."""
+    pieces = list(torch.chunk(index, count))
+    return pieces + [index[:0]] * (count - len(pieces))
+
+
+def _indices(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> torch.Tensor:
+    """The global indices, in local order, that the rank at ``coordinate`` (on the cutting mesh dims) holds of a dimension.
+
+    The cuts apply left to right, as DTensor defines placements: ``Shard`` cuts
+    what is left and keeps this rank's piece; ``_StridedShard(sf)`` (FSDP2 over
+    TP on the same dimension) first cuts it in ``sf`` pieces, each of those in
+    mesh-size pieces, and keeps this rank's piece of each, one after another.
+    Only indices: a few integers per row, no data.
+    """
+    index = torch.arange(size)
+    for (n, split), mine in zip(cuts, coordinate):
+        groups = _pieces(index, split) if split else [index]
+        index = torch.cat([_pieces(group, n)[mine] for group in groups])
+    return index
+
+
+def _nested(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> torch.Tensor:
+    """The indices as FSDP2 over TP lays them out: the other cuts first, then the strided one(s) cut what is left."""
+    index = torch.arange(size)
+    order = sorted(range(len(cuts)), key=lambda k: bool(cuts[k][1]))  # stable: the plain cuts keep their order
+    for k in order:
+        index = _pieces(index, cuts[k][0])[coordinate[k]]
+    return index
+
+
+def _is_block(held: torch.Tensor) -> bool:
+    """Whether ``held`` is ``start, start + 1, …``: one box along the dimension, in order."""
+    return len(held) == 0 or torch.equal(held, torch.arange(int(held[0]), int(held[0]) + len(held)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _scattered(size: int, cuts: tuple[Cut, ...]) -> tuple[list[int], tuple[int, ...]] | None:
+    """Some coordinate's indices that are not one block, with that coordinate (None: every rank holds a block).
+
+    A strided layout is recorded only where the placements' meaning (left to
+    right) and FSDP2's actual layout (the TP shard cut again, :func:`_nested`)
+    agree on every rank: they part for some uneven sizes (25 rows on dp 4 x tp 2),
+    where no reading of the placements alone is safe. Every rank checks every
+    coordinate, so all refuse a layout together instead of some training on
+    while others stop; cached, as a model repeats a few shapes.
+    """
+    for coordinate in itertools.product(*(range(n) for n, _ in cuts)):
+        held = _indices(size, cuts, coordinate)
+        if not _is_block(held) or not torch.equal(held, _nested(size, cuts, coordinate)):
+            return held.tolist()[:8], coordinate
+    return None
+
+
+def _local_box(tensor: torch.Tensor, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where this rank's local shard of ``tensor`` starts in the global tensor, and its shape.
+
+    The local shard must be one box of the global tensor, its rows in global
+    order, so that it is stored as one chunk: true of ``Shard`` and of FSDP2 over
+    TP's ``_StridedShard``, whose later ``Shard`` picks one of the ``sf`` pieces;
+    other strided layouts hold pieces scattered over the tensor and are refused.
+    """
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    offsets = []
+    for dim in range(tensor.dim()):
+        along = [(m, p) for m, p in enumerate(placements) if isinstance(p, (Shard, _StridedShard)) and p.dim == dim]
+        cuts = tuple((mesh.size(m), int(p.split_factor) if isinstance(p, _StridedShard) else 0) for m, p in along)
+        bad = _scattered(int(tensor.shape[dim]), cuts) if any(split for _, split in cuts) else None
+        if bad is not None:
+            raise InvalidValueError(
+                f"the model holds {name}, whose local shards are not one block of the tensor each, in the same place as "
+                f"FSDP2 over TP puts them (indices {bad[0]} of dimension {dim} at mesh coordinate {list(bad[1])})",
+                "shard as FSDP2 over TP does (fully_shard after parallelize_module), with that dimension divisible by "
+                "the product of the mesh sizes sharding it",
+            )
+        held = _indices(int(tensor.shape[dim]), cuts, tuple(coordinate[m] for m, _ in along))
+        offsets.append(int(held[0]) if len(held) else int(tensor.shape[dim]))  # an empty shard sits at the end, as in torch
+    shape = tuple(int(n) for n in tensor._local_tensor.shape)  # type: ignore[attr-defined]
+    return tuple(offsets), shape
+
+
+def local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where a DTensor's local shard starts in the global tensor, and its shape (refused unless it is one box)."""
+    return _local_box(tensor, f"a {type(tensor).__name__} with placements {tensor.placements}")  # type: ignore[attr-defined]
+
+
 def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
     """The global ranks that write ``tensor`` (a DTensor) and this rank's chunk of it."""
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
     name = lambda: f"a {type(tensor).__name__} with placements {placements}"  # noqa: E731
     for p in placements:
-        if not (isinstance(p, Replicate) or type(p) is Shard):  # Partial, _StridedShard: not a box of the global tensor
+        if not isinstance(p, (Replicate, Shard, _StridedShard)):  # Partial: pending sums, not the tensor's values
             raise InvalidValueError(
-                f"the model holds {name()}: only Shard and Replicate placements can be recorded without communication",
-                "record a model sharded with fully_shard, parallelize_module or HSDP on one mesh (not FSDP over TP on the same dimension)",
+                f"the model holds {name()}: only Shard, _StridedShard and Replicate placements can be recorded without communication",
+                "record the model after its pending reductions (a Partial placement is an intermediate result, not a parameter)",
             )
     world = torch.distributed.get_world_size()
     ranks, replicated = _world_mesh(mesh, [isinstance(p, Replicate) for p in placements])
@@ -158,10 +254,9 @@ def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
             f"the model holds {name()} on a mesh of {mesh.mesh.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
             "put every rank in the DTensor's mesh (e.g. HSDP on a 2-D mesh instead of a sub-mesh plus DDP)",
         )
-    (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
+    offsets, local_shape = _local_box(tensor, name())
     for dim in replicated:
         ranks = ranks.narrow(dim, 0, 1)
-    offsets, local_shape = tuple(int(o) for o in chunk.offsets), tuple(int(n) for n in chunk.sizes)
     writers = set(ranks.flatten().tolist())
     me = torch.distributed.get_rank()
     return writers, LocalChunk(tuple(tensor.shape), offsets, local_shape, me in writers)
@@ -197,4 +292,4 @@ def shard_plan(state: Mapping[str, torch.Tensor]) -> ShardPlan | None:
     return ShardPlan(order.index(me) if me in everyone else None, len(order), chunks, mesh_shape)
 
 
-__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "rebuild", "refuse_unsupported", "shard_plan", "spec"]
+__all__ = ["LocalChunk", "ShardPlan", "is_dtensor", "local", "local_box", "rebuild", "refuse_unsupported", "shard_plan", "spec"]

@@ -203,8 +203,7 @@ def _local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
     from . import dtensors
 
     if dtensors.is_dtensor(tensor):
-        (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
-        return tuple(int(o) for o in chunk.offsets), dtensors.local(tensor)
+        return dtensors.local_box(tensor)[0], dtensors.local(tensor)
     return (0,) * tensor.dim(), tensor.detach()
 
 

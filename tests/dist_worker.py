@@ -4,7 +4,9 @@
 
 LAYOUT is ``fsdp`` (fully_shard on a 1-D mesh), ``tp`` (parallelize_module:
 colwise then rowwise), ``hsdp`` (fully_shard on a 2×2 mesh: replicate × shard)
-or ``fsdp+tp`` (2×2: fully_shard over dp, parallelize_module over tp). Every
+``fsdp+tp`` (2×2: fully_shard over dp, parallelize_module over tp: rowwise fc2)
+or ``titan`` (2×2, as torchtitan composes them: colwise fc1 and rowwise fc2 over
+tp, then fully_shard over dp, which gives fc1 ``_StridedShard`` placements). Every
 rank builds the same model from a seed, shards it, makes a Recorder, replays
 the deterministic trajectory up to the Recorder's resume time (a stand-in for
 loading a training checkpoint), then trains to STEPS: each step is a forward
@@ -110,6 +112,23 @@ def shard(model: Net, layout: str) -> None:
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
         parallelize_module(model, mesh["tp"], {"fc2": RowwiseParallel()})
         fully_shard(model, mesh=mesh["dp"])
+    elif layout == "titan":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], tp_plan)
+        for layer in (model.fc1, model.fc2):
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        assert type(model.fc1.weight.placements[0]).__name__ == "_StridedShard", model.fc1.weight.placements
+    elif layout in ("scattered", "partial"):  # layouts the Recorder must refuse (fully_shard first: FSDP2's lazy init)
+        from torch.distributed.tensor import DTensor, Partial, distribute_tensor
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model, mesh=mesh)
+        if layout == "scattered":  # rows {0, 1, 4, 5} of 7 on rank 0: not one block
+            model.fc1.weight = nn.Parameter(distribute_tensor(model.fc1.weight.full_tensor().detach(), mesh, [_StridedShard(0, split_factor=2)], src_data_rank=None))
+        else:
+            model.small = nn.Parameter(DTensor.from_local(torch.ones(2), mesh, [Partial()], run_check=False))
     else:
         raise SystemExit(f"unknown layout {layout}")
 
@@ -173,6 +192,25 @@ def check_local_use(model: nn.Module, rec: object) -> None:
     model.load_state_dict(ema)
 
 
+def check_torch_loads_dtensors(model: nn.Module, rec: object) -> None:
+    """DCP loads the latest snapshot folder into DTensors laid out like the model (strided ones too): our local EMAs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from posthoc_cli import scan
+    from posthoc_cli.dtensors import is_dtensor
+
+    torch.distributed.barrier()  # every rank's file of the set is written
+    snap = scan(rec.ckpt_dir).series[0.05][-1]  # type: ignore[attr-defined]
+    if snap.t != rec.t:  # type: ignore[attr-defined]
+        return  # the run stopped between snapshots
+    ema = {n: t for n, t in rec.ema_state_dict(0.05).items() if is_dtensor(t)}  # type: ignore[attr-defined]
+    state = {n: torch.distributed.tensor.DTensor.from_local(torch.full_like(t._local_tensor, 7.0), t.device_mesh, t.placements,
+                                                              shape=t.shape, stride=t.stride()) for n, t in ema.items()}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(snap.path)))
+    assert all(torch.equal(state[n]._local_tensor, t._local_tensor) for n, t in ema.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("layout")
@@ -221,7 +259,7 @@ def main() -> None:
     in_updates = in_forward = 0
     for step in range(rec.t + 1, args.steps + 1):
         before = counter.count if counter else 0
-        if "tp" not in args.layout:  # (this toy model has no TP-ready forward; the TP layouts record without one)
+        if args.layout in ("fsdp", "hsdp"):  # (this toy model has no TP-ready forward; the TP layouts record without one)
             with counter.mode() if counter else contextlib.nullcontext():
                 model(x).square().mean().backward()  # FSDP2 reshards after backward
             model.zero_grad(set_to_none=True)
@@ -238,6 +276,8 @@ def main() -> None:
             rec.update()
         in_updates += (counter.count - before) if counter else 0
     rec.close()
+    if args.layout == "titan":
+        check_torch_loads_dtensors(model, rec)
     check_local_use(model, rec)
     if counter and args.count:
         args.count.with_name(f"{args.count.stem}-{rank}.json").write_text(

@@ -143,6 +143,76 @@ def test_fsdp2_over_tensor_parallel_on_a_2x2_mesh(tmp_path, reference):
     assert all(torch.equal(ours[n], t) for n, t in full_tensors(ref).items())
 
 
+def test_fsdp2_over_colwise_tp_strided_shards_on_a_2x2_mesh(tmp_path, reference):
+    """torchtitan's 2-D layout: colwise fc1 and rowwise fc2 over tp, then fully_shard over dp, so fc1 is
+    (_StridedShard(0, sf=2), Shard(0)): each rank's rows are one block (7 rows: 2, 2, 2, 1), stored once, with
+    zero collectives; synthesis (one process and 2 ranks) gives the unsharded recording's bits; DCP loads the
+    folder into plain tensors here and into the strided DTensors in the worker."""
+    torchrun(4, "titan", tmp_path / "ckpts", 12, "--count", tmp_path / "count.json")
+    assert all(json.loads((tmp_path / f"count-{rank}.json").read_text())["in_updates"] == 0 for rank in range(4))
+    assert assert_same_snapshots(tmp_path / "ckpts", reference) == 6
+    snap = scan(tmp_path / "ckpts").snapshots[-1]
+    # rank 1 is (dp 0, tp 1): the first half of tp 1's rows [4, 7), not rows 2-3 as (Shard(0), Shard(0)) would give
+    assert [(c.offsets, c.entry.shape) for c in snap.chunks["fc1.weight"]] == [((0, 0), (2, 6)), ((4, 0), (2, 6)), ((2, 0), (2, 6)), ((6, 0), (1, 6))]
+    assert [c.offsets for c in snap.chunks["fc1.bias"]] == [(0,), (4,), (2,), (6,)]
+    assert_torch_reads(snap)
+    assert_synthesizes_like(tmp_path / "ckpts", reference, tmp_path, ranks=2)
+
+
+def assert_synthesizes_like(folder: Path, reference: Path, tmp_path: Path, ranks: int = 0) -> None:
+    """Synthesis from ``folder`` gives the bits of synthesis from the unsharded ``reference`` (and in parallel on ``ranks``)."""
+    import posthoc_cli
+    import safetensors.torch
+    from test_parallel import torchrun as parallel
+    from test_sharded_synthesis import same_bits
+
+    want = posthoc_cli.load_synthesized(reference, 0.07)
+    assert same_bits(posthoc_cli.load_synthesized(folder, 0.07), want)
+    if ranks:
+        result = parallel(ranks, "synthesize", folder, "-s", "0.07", "--out", tmp_path / "par.safetensors", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert same_bits(safetensors.torch.load_file(tmp_path / "par.safetensors"), want)
+
+
+def test_elastic_resume_into_and_out_of_the_strided_layout(tmp_path, reference):
+    """3 FSDP2 ranks, then the 2x2 strided layout resumed from their chunks, resumed from its own chunks, then 2
+    FSDP2 ranks resumed from the 4 strided files: the uninterrupted run's snapshots and synthesis, bit for bit."""
+    folder = tmp_path / "ckpts"
+    torchrun(3, "fsdp", folder, 4)
+    torchrun(4, "titan", folder, 8)
+    torchrun(4, "titan", folder, 10)  # resumes from its own t=8 set, writes nothing
+    torchrun(2, "fsdp", folder, 12)
+    assert assert_same_snapshots(folder, reference) == 6
+    assert sorted((s.t, len(s.files)) for s in scan(folder).series[0.05]) == [(4, 3), (8, 4), (12, 2)]
+    assert_synthesizes_like(folder, reference, tmp_path)
+
+
+def test_every_rank_judges_the_whole_strided_layout():
+    """FSDP2 over TP (_StridedShard(sf=tp) on dp, then Shard on tp) is recorded wherever the placements' meaning
+    and FSDP2's layout (the TP shard cut again) agree on every rank: any size on 2 x 2 and 2 x 4, multiples of
+    dp x tp on any mesh; elsewhere (25 rows on 4 x 2) every rank refuses, also those whose own rows agree."""
+    from posthoc_cli.dtensors import _scattered
+
+    for dp, tp in ((2, 2), (2, 4)):
+        assert all(_scattered(rows, ((dp, tp), (tp, 0))) is None for rows in range(0, 40)), (dp, tp)
+    for dp, tp in ((4, 2), (3, 5), (8, 8)):
+        assert all(_scattered(rows, ((dp, tp), (tp, 0))) is None for rows in range(0, 400, dp * tp)), (dp, tp)
+    assert _scattered(25, ((4, 2), (2, 0))) == ([12, 22], (3, 0))  # FSDP2 puts row 12 alone there
+    assert _scattered(3, ((2, 2),)) == ([0, 2], (0,))  # coordinate 1 holds [1], a block, but refuses too
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ("scattered", r"placements \(_StridedShard\(dim=0, sf=2\),\), whose local shards are not one block of the tensor each, "
+                  r"in the same place as FSDP2 over TP puts them \(indices \[0, 1, 4, 5\] of dimension 0 at mesh coordinate \[0\]\) — shard as FSDP2"),
+    ("partial", r"placements \(Partial\(sum\),\): only Shard, _StridedShard and Replicate placements can be recorded without communication — "),
+])
+def test_strided_shards_that_are_not_one_block_and_partial_placements_are_refused(tmp_path, layout, message):
+    result = torchrun(2, layout, tmp_path / "ckpts", 4, check=False)
+    assert result.returncode != 0
+    assert re.search(r"InvalidValueError: the model holds a DTensor with " + message, result.stderr), result.stderr[-3000:]
+    assert not list((tmp_path / "ckpts").glob("ema-*"))
+
+
 def test_the_readme_fsdp2_script_runs_under_torchrun(tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     (script,) = [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", readme, re.S | re.M) if body.startswith("# train_fsdp2.py")]
