@@ -946,13 +946,15 @@ def load_synthesized(
     accumulate: str = "float32",
     trainable_only: bool = False,
     allow_poor: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The synthesized EMA of one target (a sigma_rel, a spec string or a target) as a state
     dict in memory, ready for ``model.load_state_dict``.
 
     Complete (frozen weights stored once included, in the model's order) unless
     ``trainable_only=True``: then only the averaged tensors. Defaults and refusals as
-    :func:`synthesize` (``allow_poor=True`` returns a poor target anyway).
+    :func:`synthesize` (``allow_poor=True`` returns a poor target anyway, ``allow_nonfinite=True``
+    one holding NaN or Inf).
 
     >>> model.load_state_dict(load_synthesized("ckpts", 0.15))  # doctest: +SKIP
     """
@@ -963,7 +965,7 @@ def load_synthesized(
     frozen = frozen_part(p, trainable_only)
     entries = _output_entries(p, trainable_only)
     sink = _MemorySink([(e.name, out if e.dtype.is_floating_point else e.code, e.shape) for e in [*entries, *frozen]])
-    for _ in stream(p, [sink], dtype=name, accumulate=accumulate, trainable_only=trainable_only):
+    for _ in stream(p, [sink], dtype=name, accumulate=accumulate, trainable_only=trainable_only, allow_nonfinite=allow_nonfinite):
         pass
     if frozen:
         assert p.frozen is not None and p.frozen.file is not None

@@ -434,6 +434,9 @@ def test_nonfinite_values_are_reported_with_tensor_and_file(folder, tmp_path, ba
     written = safetensors_load(out)
     assert not torch.isfinite(written["b"][1]) and torch.isfinite(written["w"]).all()
     posthoc_cli.synthesize(folder, 0.07, out=tmp_path / "lib.safetensors", allow_nonfinite=True)
+    # in memory too, as its error says (allow_nonfinite=True)
+    in_memory = posthoc_cli.load_synthesized(folder, 0.07, allow_nonfinite=True)["b"]
+    torch.testing.assert_close(in_memory, written["b"], rtol=0, atol=0, equal_nan=True)  # the same bits, NaN/Inf included
     # a target that gives the broken snapshot no weight is not affected
     assert torch.isfinite(posthoc_cli.load_synthesized(folder, 0.05, t=30)["b"]).all()
 
