@@ -86,14 +86,15 @@ app = typer.Typer(
 # Typer's Rich help prints a value type after every option, flags included (`--force <bool>`), as if
 # `--force true` were the syntax. A flag takes no value, so it shows none: for every command's flags
 # and the ones Typer adds (--help, --version, --install-completion), hence here and not per option.
-_option_type = typer.core.TyperOption.display_type_rich
+_option_type = getattr(typer.core.TyperOption, "display_type_rich", None)  # absent in older Typer (0.15): left as it is
 
 
 def _flag_shows_no_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
-    return None if self.is_flag else _option_type(self, ctx)
+    return None if self.is_flag or _option_type is None else _option_type(self, ctx)
 
 
-typer.core.TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assign]
+if _option_type is not None:
+    typer.core.TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assign]
 
 # -- terminal plumbing ------------------------------------------------------------------------------
 
@@ -518,10 +519,12 @@ def _print_inspect(report: dict[str, Any]) -> None:
             console.print("  synthesize refuses to run until the broken files above are moved out of the folder.")
     if report["grid"]:
         console.print()
-        console.print(_grid_table(report["grid"], f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})"))
+        console.print(_grid_table(report["grid"], f"Synthesizable at t={report['t']} (faithful: profile error < {FAITHFUL:g})"))
+        if report["t"] != report["latest_t"]:
+            console.print(f"(t={report['t']}, synthesize's default: the latest time every sigma_rel has a snapshot)")
     if report.get("targets"):
         console.print()
-        console.print(_targets_table(report["targets"], f"Asked-for targets at t={report['latest_t']}"))
+        console.print(_targets_table(report["targets"], f"Asked-for targets at t={report['t']}"))
 
 
 def _grid_table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -662,7 +665,7 @@ def plot(
         snaps = catalogue.snapshots
         if not snaps:
             raise no_snapshots(catalogue.folder, "pass the folder the Recorder wrote")
-        t = catalogue.latest_t if step is None else step
+        t = catalogue.complete_t if step is None else step  # as synthesize
         dtype = max((s.dtype for s in snaps), key=lambda d: {"float32": 0, "bfloat16": 2, "float16": 1}[d])
         series = plot_series([s.t for s in snaps], [s.sigma_rel for s in snaps], t, targets, dtype)
         draw(series, out, time_unit=snaps[-1].time_unit)

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,7 +308,8 @@ def _remove_if_stale(tmp: Path, path: Path) -> None:
 
 def remove_leftovers(folder: Path) -> None:
     """Remove what runs killed outright (SIGKILL, a lost node) left in ``folder``: ``*.safetensors.tmp``
-    files and hidden ``.NAME.*.tmp`` folders that no process holds locked. Each run removes its own
+    files and hidden ``.NAME.*.tmp`` folders that no process holds locked and that are provably ours
+    (:func:`_is_ours`: a user's own ``x.safetensors.tmp`` is never touched). Each run removes its own
     (and a rerun the one it would write), but not those of outputs named otherwise, which piled up.
     Where locks do not work nothing is removed: a live run's file could not be told from a dead one's."""
     if fcntl is None:
@@ -332,7 +334,7 @@ def _remove_if_unheld(path: Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # held by a live run, or no locks on this file system: leave it
             return
-        if not _names(path, fd):
+        if not _names(path, fd) or not _is_ours(path, fd, folder):
             return
         if folder:
             shutil.rmtree(path, ignore_errors=True)
@@ -342,13 +344,58 @@ def _remove_if_unheld(path: Path) -> None:
         os.close(fd)
 
 
+_OUTPUT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\.tmp)?")  # what a temp folder holds
+
+
+def _is_ours(path: Path, fd: int, folder: bool) -> bool:
+    """Whether a leftover is what our writers make: a file whose header carries our metadata, or a
+    non-empty folder of output shards (each with that header) and their index, nothing else. A
+    folder just made by a live run is empty until that run holds it (:func:`hold`), so never ours."""
+    if not folder:
+        return _our_header(fd)
+    entries = list(path.iterdir())
+    if not entries:
+        return False
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_file() or not _OUTPUT_FILE.fullmatch(entry.name):
+            return False
+        if ".index.json" not in entry.name:
+            inner = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                if not _our_header(inner):
+                    return False
+            finally:
+                os.close(inner)
+    return True
+
+
+def _our_header(fd: int) -> bool:
+    """Whether the file open as ``fd`` starts with a safetensors header holding posthoc-ema's metadata."""
+    head = os.pread(fd, 8, 0)
+    if len(head) != 8:
+        return False
+    n = int.from_bytes(head, "little")
+    return 0 < n <= MAX_HEADER_BYTES and b'"posthoc_ema"' in os.pread(fd, n, 8)
+
+
 def hold(folder: Path) -> int:
-    """Lock ``folder`` for as long as the returned descriptor is open: :func:`remove_leftovers` skips it."""
+    """Lock ``folder`` for as long as the returned descriptor is open: :func:`remove_leftovers` skips it.
+
+    Another run's :func:`remove_leftovers` may hold the lock for a moment while it looks at the (still
+    empty) folder: wait for it rather than go on unlocked."""
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    if fcntl is not None:
-        with contextlib.suppress(OSError):
+    if fcntl is None:
+        return fd
+    for _ in range(500):
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fd
+            return fd
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError:  # no locks on this file system: remove_leftovers removes nothing there either
+            return fd
+    os.close(fd)
+    raise OutputError(f"cannot lock the temporary folder {folder}", "check that no other process holds it, then retry")
 
 
 def _names(path: Path, fd: int) -> bool:

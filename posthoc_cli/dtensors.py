@@ -142,42 +142,65 @@ def _world_mesh(mesh: Any, replicate: list[bool]) -> tuple[torch.Tensor | None, 
 
 
 Cut = tuple[int, int]  # one mesh dimension sharding a tensor dimension: (its size, the split factor; 0 for Shard)
+Runs = tuple[tuple[int, int], ...]  # indices of a dimension, in order, as runs [start, stop): no per-row work
 
 
-def _pieces(index: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """``index`` cut in ``count`` pieces as ``Shard`` cuts a dimension (torch.chunk; missing pieces empty)."""
-    pieces = list(torch.chunk(index, count))
-    return pieces + [index[:0]] * (count - len(pieces))
+def _merged(runs: list[tuple[int, int]]) -> Runs:
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        if b <= a:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
 
 
-def _indices(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> torch.Tensor:
+def _take(runs: Runs, lo: int, hi: int) -> Runs:
+    """Positions ``lo:hi`` of the sequence ``runs`` describes."""
+    taken, seen = [], 0
+    for a, b in runs:
+        first, last = max(lo - seen, 0), min(hi - seen, b - a)
+        if first < last:
+            taken.append((a + first, a + last))
+        seen += b - a
+    return _merged(taken)
+
+
+def _piece(runs: Runs, count: int, k: int) -> Runs:
+    """Piece ``k`` of ``runs`` cut in ``count`` as ``Shard`` cuts a dimension (torch.chunk: pieces of ceil(n/count), missing ones empty)."""
+    total = sum(b - a for a, b in runs)
+    step = -(-total // count)
+    return _take(runs, k * step, min((k + 1) * step, total)) if k * step < total else ()
+
+
+def _indices(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> Runs:
     """The global indices, in local order, that the rank at ``coordinate`` (on the cutting mesh dims) holds of a dimension.
 
     The cuts apply left to right, as DTensor defines placements: ``Shard`` cuts
     what is left and keeps this rank's piece; ``_StridedShard(sf)`` (FSDP2 over
     TP on the same dimension) first cuts it in ``sf`` pieces, each of those in
     mesh-size pieces, and keeps this rank's piece of each, one after another.
-    Only indices: a few integers per row, no data.
     """
-    index = torch.arange(size)
+    runs: Runs = ((0, size),)
     for (n, split), mine in zip(cuts, coordinate):
-        groups = _pieces(index, split) if split else [index]
-        index = torch.cat([_pieces(group, n)[mine] for group in groups])
-    return index
+        groups = [_piece(runs, split, g) for g in range(split)] if split else [runs]
+        runs = _merged([run for group in groups for run in _piece(group, n, mine)])
+    return runs
 
 
-def _nested(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> torch.Tensor:
+def _nested(size: int, cuts: tuple[Cut, ...], coordinate: tuple[int, ...]) -> Runs:
     """The indices as FSDP2 over TP lays them out: the other cuts first, then the strided one(s) cut what is left."""
-    index = torch.arange(size)
+    runs: Runs = ((0, size),)
     order = sorted(range(len(cuts)), key=lambda k: bool(cuts[k][1]))  # stable: the plain cuts keep their order
     for k in order:
-        index = _pieces(index, cuts[k][0])[coordinate[k]]
-    return index
+        runs = _piece(runs, cuts[k][0], coordinate[k])
+    return runs
 
 
-def _is_block(held: torch.Tensor) -> bool:
-    """Whether ``held`` is ``start, start + 1, …``: one box along the dimension, in order."""
-    return len(held) == 0 or torch.equal(held, torch.arange(int(held[0]), int(held[0]) + len(held)))
+def _first(runs: Runs, count: int) -> list[int]:
+    return [i for a, b in runs for i in range(a, min(b, a + count))][:count]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -193,8 +216,8 @@ def _scattered(size: int, cuts: tuple[Cut, ...]) -> tuple[list[int], tuple[int, 
     """
     for coordinate in itertools.product(*(range(n) for n, _ in cuts)):
         held = _indices(size, cuts, coordinate)
-        if not _is_block(held) or not torch.equal(held, _nested(size, cuts, coordinate)):
-            return held.tolist()[:8], coordinate
+        if len(held) > 1 or held != _nested(size, cuts, coordinate):  # not one block, or not where FSDP2 puts it
+            return _first(held, 8), coordinate
     return None
 
 
@@ -224,7 +247,7 @@ def _local_box(tensor: torch.Tensor, name: str) -> tuple[tuple[int, ...], tuple[
                 "the product of the mesh sizes sharding it",
             )
         held = _indices(int(tensor.shape[dim]), cuts, tuple(coordinate[m] for m, _ in along))
-        offsets.append(int(held[0]) if len(held) else int(tensor.shape[dim]))  # an empty shard sits at the end, as in torch
+        offsets.append(held[0][0] if held else int(tensor.shape[dim]))  # an empty shard sits at the end, as in torch
     shape = tuple(int(n) for n in tensor._local_tensor.shape)  # type: ignore[attr-defined]
     return tuple(offsets), shape
 

@@ -44,16 +44,18 @@ def _schedule_problems(catalogue: Catalogue) -> list[str]:
 
 
 def _grid(catalogue: Catalogue) -> list[dict[str, Any]]:
-    """Profile error and Σ|w| of target lengths 0.01..0.28 (plus the recorded ones) at the latest time."""
-    snaps = catalogue.snapshots
+    """Profile error and Σ|w| of target lengths 0.01..0.28 (plus the recorded ones) at synthesize's default time."""
+    t = catalogue.complete_t
+    snaps = [s for s in catalogue.snapshots if s.t <= t]
     unit = max(unit_roundoff(s.dtype) for s in snaps)
-    return grid([s.t for s in snaps], [s.sigma_rel for s in snaps], catalogue.latest_t, unit)
+    return grid([s.t for s in snaps], [s.sigma_rel for s in snaps], t, unit)
 
 
 def _target_rows(catalogue: Catalogue, targets: Sequence[str | float | Target]) -> list[dict[str, Any]]:
-    snaps = [s for s in catalogue.snapshots if s.t <= catalogue.latest_t]
+    t = catalogue.complete_t
+    snaps = [s for s in catalogue.snapshots if s.t <= t]
     unit = max(unit_roundoff(s.dtype) for s in snaps)
-    return target_rows([s.t for s in snaps], [s.sigma_rel for s in snaps], catalogue.latest_t, targets, unit)
+    return target_rows([s.t for s in snaps], [s.sigma_rel for s in snaps], t, targets, unit)
 
 
 def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:
@@ -90,6 +92,7 @@ def inspect_report(catalogue: Catalogue, targets: Sequence[str | float | Target]
     return {
         "folder": str(catalogue.folder),
         "latest_t": catalogue.latest_t if snaps else None,
+        "t": catalogue.complete_t if snaps else None,  # where the grid and targets are judged: synthesize's default time
         "time_unit": snaps[-1].time_unit if snaps else None,
         "series": [_series_summary(s, group) for s, group in sorted(catalogue.series.items())],
         "broken": [{"path": str(s.path), "reason": s.reason} for s in catalogue.broken],

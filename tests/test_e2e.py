@@ -238,6 +238,11 @@ def test_after_a_killed_run_the_default_time_is_the_latest_every_series_reached(
     result = cli("synthesize", folder, "-s", 0.12, cwd=work)
     assert result.stdout.startswith("Synthesized 1 EMA at t=380 ")
     assert "Default time: t=380 is the latest time at which every sigma_rel has a complete snapshot" in result.stdout
+    # inspect judges the lengths at that same time (it used the newest, where 0.15 looked poor)
+    report = json.loads(cli("inspect", folder, "--json", "-s", 0.15, cwd=work).stdout)
+    assert report["t"] == 380 and report["latest_t"] == 400
+    assert report["targets"][0]["profile_error"] == pytest.approx(doc["outputs"][0]["profile_error"], rel=1e-9)
+    assert "Synthesizable at t=380" in cli("inspect", folder, cwd=work).stdout
     # nothing to say when every series reached the newest time
     doc = json.loads(cli("synthesize", runs / "ckpts", "-s", 0.12, "--json", "--out", work / "x.safetensors", cwd=work).stdout)
     assert doc["t"] == 400 and doc["t_reason"] is None

@@ -193,12 +193,23 @@ def test_a_run_removes_dead_runs_leftovers_but_not_a_live_runs_files(recorded, t
     from posthoc_cli.container import AtomicWriter
 
     out = tmp_path / "out"
-    (out / ".ema.0123abcd.tmp").mkdir(parents=True)  # a killed run's hidden folder of HF shards
-    (out / ".ema.0123abcd.tmp" / "model-00001-of-00002.safetensors.tmp").write_bytes(b"\0" * 64)
-    (out / "ema-s0.300-t9.safetensors.tmp").write_bytes(b"\0" * 64)  # a killed run's file, named otherwise
-    (out / "notes.tmp").write_text("mine")  # not ours: kept
+    snapshot = next(recorded.glob("*.safetensors")).read_bytes()  # what our writers put in a temporary file
+    dead = out / ".ema.0123abcd.tmp"  # a killed run's hidden folder of HF shards
+    dead.mkdir(parents=True)
+    (dead / "model-00001-of-00002.safetensors.tmp").write_bytes(snapshot[:4096])
+    (out / "ema-s0.300-t9.safetensors.tmp").write_bytes(snapshot[:4096])  # a killed run's file, named otherwise
+    # The user's own files, which merely look alike: never touched
+    (out / "notes.tmp").write_text("mine")
+    (out / "user.safetensors.tmp").write_bytes(b"\0" * 64)
+    (out / ".mydata.deadbeef.tmp").mkdir()
+    (out / ".mydata.deadbeef.tmp" / "f").write_text("mine too")
+    (out / ".mixed.0badcafe.tmp").mkdir()
+    (out / ".mixed.0badcafe.tmp" / "model.safetensors.tmp").write_bytes(snapshot[:4096])
+    (out / ".mixed.0badcafe.tmp" / "diary.txt").write_text("and this")
+    kept = ["notes.tmp", "user.safetensors.tmp", ".mydata.deadbeef.tmp", ".mixed.0badcafe.tmp"]
     with AtomicWriter(out / "live.safetensors", [], {}) as live:  # a live run's temporary file: locked, kept
         result = cli("synthesize", recorded, "-s", "0.1", "--out", out / "ema.safetensors")
         assert result.returncode == 0, result.stderr
-        assert sorted(p.name for p in out.iterdir()) == ["ema.safetensors", "live.safetensors.tmp", "notes.tmp"]
+        assert sorted(p.name for p in out.iterdir()) == sorted(["ema.safetensors", "live.safetensors.tmp", *kept])
+        assert (out / ".mydata.deadbeef.tmp" / "f").read_text() == "mine too"
         live.commit()
