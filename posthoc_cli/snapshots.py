@@ -265,12 +265,10 @@ class Catalogue:
 
         A run killed while writing leaves some series one snapshot short (the rest is a
         ``.tmp`` or an incomplete set); a target fitted at the newest time would then rest
-        on the other series alone. Series on staggered schedules share no time: then the
-        earliest of their newest times.
+        on the other series alone. The earliest of the series' newest times: by then every
+        series has a snapshot at or before it (also on staggered schedules, which share no time).
         """
-        times = [{s.t for s in group} for group in self.series.values()]
-        shared = set.intersection(*times)
-        return max(shared) if shared else min(max(group) for group in times)
+        return min(group[-1].t for group in self.series.values())
 
     def raise_if_broken(self) -> None:
         """Refuse to work from a folder with a broken file: silently leaving one out would change results."""

@@ -20,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from posthoc_cli import PoorTargetError, load_synthesized, plan, scan, synthesize
+from posthoc_cli import PoorTargetError, load_synthesized, plan, scan, sigma_rel_to_gamma, synthesize
 from posthoc_cli.container import load_tensors
 
 
@@ -258,3 +258,17 @@ def test_the_timing_is_of_the_synthesis_alone(runs, tmp_path):
     outside = time.perf_counter() - started
     doc = json.loads(result.stdout)
     assert "seconds" not in doc and 0 <= doc["synthesis_seconds"] <= outside
+
+
+def test_the_default_time_on_partly_shared_schedules_is_the_earliest_newest(tmp_path):
+    """Series at 96, 98, 100 and at 96, 99: by t=99 each has a snapshot (at 98 and 99), so 99, not the last
+    shared time 96; the killed-run case (one series a snapshot short) gives the same as before."""
+    from posthoc_cli.container import write_file
+    from posthoc_cli.snapshots import snapshot_metadata, snapshot_name
+
+    for sigma_rel, times in ((0.05, (96, 98, 100)), (0.10, (96, 99))):
+        for t in times:
+            meta = snapshot_metadata(sigma_rel=sigma_rel, gamma=sigma_rel_to_gamma(sigma_rel), t=t, time_unit="step", updates=t, dtype="float32")
+            write_file(tmp_path / snapshot_name(sigma_rel, t), [("w", torch.full((3,), float(t)))], meta)
+    assert scan(tmp_path).latest_t == 100 and scan(tmp_path).complete_t == 99
+    assert plan(tmp_path, [0.07], allow_poor=True).t == 99
