@@ -1,5 +1,5 @@
-"""Issue 17 through the installed ``posthoc-ema`` script: closed pipes, flags in help, snapshots one level down,
-errors that name Python arguments to Python and flags on the command line."""
+"""Unix and Python conventions through the installed ``posthoc-ema`` script: closed pipes, flags in help, snapshots one level down,
+errors that name Python arguments to Python and flags on the command line, leftovers of killed runs."""
 
 from __future__ import annotations
 
