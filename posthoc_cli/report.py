@@ -43,19 +43,21 @@ def _schedule_problems(catalogue: Catalogue) -> list[str]:
     return problems
 
 
-def _grid(catalogue: Catalogue) -> list[dict[str, Any]]:
-    """Profile error and Σ|w| of target lengths 0.01..0.28 (plus the recorded ones) at synthesize's default time."""
+def _at_default_t(catalogue: Catalogue) -> tuple[list[int], list[float], int, float]:
+    """The snapshots a synthesis at its default time would use (times, sigma_rels), that time, and their unit roundoff."""
     t = catalogue.complete_t
     snaps = [s for s in catalogue.snapshots if s.t <= t]
-    unit = max(unit_roundoff(s.dtype) for s in snaps)
-    return grid([s.t for s in snaps], [s.sigma_rel for s in snaps], t, unit)
+    return [s.t for s in snaps], [s.sigma_rel for s in snaps], t, max(unit_roundoff(s.dtype) for s in snaps)
+
+
+def _grid(catalogue: Catalogue) -> list[dict[str, Any]]:
+    """Profile error and Σ|w| of target lengths 0.01..0.28 (plus the recorded ones) at synthesize's default time."""
+    return grid(*_at_default_t(catalogue))
 
 
 def _target_rows(catalogue: Catalogue, targets: Sequence[str | float | Target]) -> list[dict[str, Any]]:
-    t = catalogue.complete_t
-    snaps = [s for s in catalogue.snapshots if s.t <= t]
-    unit = max(unit_roundoff(s.dtype) for s in snaps)
-    return target_rows([s.t for s in snaps], [s.sigma_rel for s in snaps], t, targets, unit)
+    ts, sigma_rels, t, unit = _at_default_t(catalogue)
+    return target_rows(ts, sigma_rels, t, targets, unit)
 
 
 def _series_summary(sigma_rel: float, snaps: list[Snapshot]) -> dict[str, Any]:

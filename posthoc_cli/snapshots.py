@@ -261,12 +261,12 @@ class Catalogue:
 
     @property
     def complete_t(self) -> int:
-        """The latest time at which every series has a snapshot: the default synthesis time.
+        """The default synthesis time: the earliest of the series' newest times.
 
         A run killed while writing leaves some series one snapshot short (the rest is a
         ``.tmp`` or an incomplete set); a target fitted at the newest time would then rest
-        on the other series alone. The earliest of the series' newest times: by then every
-        series has a snapshot at or before it (also on staggered schedules, which share no time).
+        on the other series alone. By this time every series has a snapshot at or before
+        it (also on staggered schedules, which share no time).
         """
         return min(group[-1].t for group in self.series.values())
 
@@ -281,7 +281,8 @@ class Catalogue:
             )
 
 
-# The folder the trainer integrations write into, inside the run's output folder: looked at first.
+# The folder the trainer integrations write into, inside the run's output folder (the HF callback's
+# default ckpt_dir): looked at first when a run's folder is given.
 INTEGRATIONS_FOLDER = "posthoc-ema"
 
 

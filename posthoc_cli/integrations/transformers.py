@@ -28,6 +28,7 @@ import torch
 
 from ..errors import InvalidValueError, OutputError
 from ..recorder import Recorder
+from ..snapshots import INTEGRATIONS_FOLDER
 from ._common import open_recorder, refuse_sharded
 
 # The Trainer's FSDP runs through Accelerate, which turns it on for accelerators only (not on CPU), so
@@ -75,7 +76,7 @@ class PosthocEMACallback(transformers.TrainerCallback):
         self.recorder: Recorder | None = None
 
     def _folder(self, args: transformers.TrainingArguments) -> Path:
-        return Path(self.ckpt_dir) if self.ckpt_dir is not None else Path(str(args.output_dir)) / "posthoc-ema"
+        return Path(self.ckpt_dir) if self.ckpt_dir is not None else Path(str(args.output_dir)) / INTEGRATIONS_FOLDER
 
     def on_train_begin(
         self, args: transformers.TrainingArguments, state: transformers.TrainerState,
