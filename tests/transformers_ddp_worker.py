@@ -41,3 +41,7 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    # Tear the gloo group down here, as the other workers do: left to interpreter exit, its threads
+    # can be destroyed still joinable ("terminate called without an active exception", SIGABRT).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
