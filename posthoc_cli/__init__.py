@@ -25,6 +25,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
     from types import ModuleType
     from typing import Any
 
+    from .ema.profiles import (
+        SIGMA_REL_MAX,
+        beta_to_sigma_rel,
+        gamma_to_sigma_rel,
+        sigma_rel_to_beta,
+        sigma_rel_to_gamma,
+        solve_weights,
+    )
     from .errors import (
         CatalogueError,
         FrozenWeightsError,
@@ -39,17 +47,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
         SnapshotFileError,
         WriterError,
     )
-    from .merge import load_synthesized, plan, synthesize
-    from .profiles import (
-        SIGMA_REL_MAX,
-        beta_to_sigma_rel,
-        gamma_to_sigma_rel,
-        sigma_rel_to_beta,
-        sigma_rel_to_gamma,
-        solve_weights,
-    )
-    from .recorder import Recorder
-    from .snapshots import read_snapshot, scan
+    from .format.catalogue import scan
+    from .format.snapshot_set import read_snapshot
+    from .record.recorder import Recorder
+    from .synth.merge import load_synthesized, plan, synthesize
 
 # Nothing is imported with the package itself: the `posthoc-ema` entry point imports this package
 # before it can handle Ctrl-C, and `Recorder` needs torch, which the CLI's light commands never
@@ -71,13 +72,15 @@ def __getattr__(name: str) -> Any:
     if name in _ERRORS:
         from . import errors as home
     elif name in _PROFILES:
-        from . import profiles as home
+        from .ema import profiles as home
     elif name in ("load_synthesized", "plan", "synthesize"):
-        from . import merge as home
+        from .synth import merge as home
     elif name == "Recorder":
-        from . import recorder as home
-    elif name in ("read_snapshot", "scan"):
-        from . import snapshots as home
+        from .record import recorder as home
+    elif name == "read_snapshot":
+        from .format import snapshot_set as home
+    elif name == "scan":
+        from .format import catalogue as home
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(home, name)

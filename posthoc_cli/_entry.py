@@ -37,7 +37,7 @@ def main() -> NoReturn:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     try:
-        from .cli import main as run_cli
+        from .cli.app import main as run_cli
 
         run_cli()  # always ends in SystemExit
     except KeyboardInterrupt:  # during the imports above, or anywhere the CLI did not catch it itself

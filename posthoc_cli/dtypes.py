@@ -1,4 +1,4 @@
-"""The safetensors dtype codes: item size and float-ness without torch, torch's dtypes on demand.
+"""The one dtype table: safetensors codes, item size and float-ness without torch, torch's dtypes on demand.
 
 Reading headers, scanning a folder and the ``inspect`` report need only how many
 bytes an element takes and whether it is averaged (floating point), so that is
@@ -7,7 +7,7 @@ tensor data asks for the matching torch dtype, which imports torch on first use.
 
 >>> SAFETENSORS_DTYPES["BF16"].itemsize, SAFETENSORS_DTYPES["BF16"].is_floating_point
 (2, True)
->>> unit_roundoff("F16")  # half the gap between 1 and the next float16
+>>> unit_roundoff("float16")  # half the gap between 1 and the next float16
 0.00048828125
 >>> torch_dtype("BF16")  # doctest: +SKIP
 torch.bfloat16
@@ -16,7 +16,10 @@ torch.bfloat16
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
+
+from .errors import InvalidValueError, spelled
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensor data is handled
     import torch
@@ -51,11 +54,18 @@ SAFETENSORS_DTYPES: dict[str, DType] = {
 }
 
 
-def unit_roundoff(code: str) -> float:
-    """Relative rounding error of storing a value as the float ``code`` (``"F16"``: 2⁻¹¹)."""
-    info = SAFETENSORS_DTYPES[code]
+# Storage dtypes of averaged tensors, by the name used in records and on the command line.
+FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Accumulation dtypes of synthesis, by name.
+ACCUMULATE = {"float32": "F32", "float64": "F64"}
+
+
+def unit_roundoff(dtype: str) -> float:
+    """Relative rounding error of storing a value as the float ``dtype``, a storage name or a code
+    (``"float16"`` or ``"F16"``: 2⁻¹¹)."""
+    info = SAFETENSORS_DTYPES[FLOAT_DTYPES.get(dtype, dtype)]
     if not info.is_floating_point:
-        raise ValueError(f"{code} is not a floating-point dtype")
+        raise ValueError(f"{dtype} is not a floating-point dtype")
     return 2.0 ** -(info.fraction_bits + 1)
 
 
@@ -78,4 +88,20 @@ def torch_dtype(code: str) -> torch.dtype:
     return torch_dtypes()[code]
 
 
-__all__ = ["SAFETENSORS_DTYPES", "DType", "torch_codes", "torch_dtype", "torch_dtypes", "unit_roundoff"]
+@functools.cache
+def storage_names() -> dict[torch.dtype, str]:
+    """torch dtype → storage name, for the storage dtypes (``torch.float16`` → ``"float16"``; imports torch)."""
+    return {torch_dtype(code): name for name, code in FLOAT_DTYPES.items()}
+
+
+def choose(option: str, value: str, table: Mapping[str, str]) -> str:
+    """``table[value]``, or :class:`InvalidValueError` naming the choices (``dtype='int8' is not supported``)."""
+    if value not in table:
+        raise InvalidValueError(f"{spelled(f'{option}={value!r}', f'--{option} {value!r}')} is not supported", f"use one of {', '.join(table)}")
+    return table[value]
+
+
+__all__ = [
+    "ACCUMULATE", "FLOAT_DTYPES", "SAFETENSORS_DTYPES", "DType", "choose", "storage_names", "torch_codes", "torch_dtype",
+    "torch_dtypes", "unit_roundoff",
+]

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from posthoc_cli.profiles import gram, sigma_rel_to_gamma, solve_gram
-from posthoc_cli.targets import fit_targets, parse_target
+from posthoc_cli.ema.profiles import gram, sigma_rel_to_gamma, solve_gram
+from posthoc_cli.ema.targets import fit_targets, parse_target
 
 
 def targets(seed: int = 0) -> list[str]:

@@ -7,7 +7,7 @@ runs in a forked child, so a trial costs a fork instead of a fresh interpreter
 
 - ``{"cmd": "record", "dir": D, "steps": T, ...}``: a real Recorder records the
   deterministic trajectory of :func:`set_weights` into D, resuming whatever D holds.
-- ``{"cmd": "cli", "argv": [...]}``: ``posthoc_cli.cli.main()`` with that argv; the
+- ``{"cmd": "cli", "argv": [...]}``: ``posthoc_cli.cli.app.main()`` with that argv; the
   child exits with its exit code.
 
 Ways to die, on top of either command:
@@ -108,7 +108,7 @@ _events = 0
 
 def _install_crash_points(kill_event: int | None) -> None:
     """Count (and at ``kill_event``, die at) every stage of an atomic write."""
-    from posthoc_cli import container
+    from posthoc_cli.format import atomic, container
 
     def hit() -> bool:
         global _events
@@ -130,7 +130,7 @@ def _install_crash_points(kill_event: int | None) -> None:
     for name in ("fsync", "link", "unlink", "replace"):
         setattr(os, name, guard(getattr(os, name)))
 
-    write = container.AtomicWriter.write
+    write = atomic.AtomicWriter.write
 
     def torn_write(self, data):  # type: ignore[no-untyped-def]
         if hit():  # half of this tensor's bytes reach the file, then the process dies
@@ -140,14 +140,14 @@ def _install_crash_points(kill_event: int | None) -> None:
             die()
         return write(self, data)
 
-    container.AtomicWriter.write = torn_write
+    atomic.AtomicWriter.write = torn_write
 
 
 def _fill_disk() -> None:
     """Every temp file the atomic writer creates is real, but its bytes go to /dev/full: the kernel answers ENOSPC."""
     import builtins
 
-    from posthoc_cli import container
+    from posthoc_cli.format import leftovers
 
     def open_on_full_disk(path, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
         if str(path).endswith(".tmp") and "x" in mode:
@@ -155,7 +155,7 @@ def _fill_disk() -> None:
             return builtins.open("/dev/full", "wb")
         return builtins.open(path, mode, *args, **kwargs)
 
-    container.open = open_on_full_disk  # type: ignore[attr-defined]
+    leftovers.open = open_on_full_disk  # type: ignore[attr-defined]
 
 
 def _child(command: dict) -> int:
@@ -182,7 +182,7 @@ def _child(command: dict) -> int:
         except PosthocError as e:
             error = f"{type(e).__name__}: {e}"
     elif command["cmd"] == "cli":
-        from posthoc_cli.cli import main
+        from posthoc_cli.cli.app import main
 
         sys.argv = ["posthoc-ema", *command["argv"]]
         try:
@@ -233,7 +233,7 @@ def _run(command: dict) -> dict:
 
 def serve() -> None:
     import posthoc_cli  # noqa: F401  (imported once here, so every forked child starts warm)
-    import posthoc_cli.cli  # noqa: F401
+    import posthoc_cli.cli.app  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -69,7 +69,7 @@ def trajectory(step: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def advance(model: nn.Module, step: int) -> None:
     """Apply one step of the trajectory to whatever each parameter is here (a full tensor or a local shard)."""
-    from posthoc_cli.dtensors import is_dtensor
+    from posthoc_cli.record.dtensors import is_dtensor
 
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied weights once
@@ -98,7 +98,11 @@ def reference_run(folder: Path, steps: int, **options: object) -> None:
 def shard(model: Net, layout: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     world = int(os.environ["WORLD_SIZE"])
     tp_plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
@@ -171,7 +175,7 @@ class Collectives:
 
 def check_local_use(model: nn.Module, rec: object) -> None:
     """``ema_state_dict`` gives local shards as DTensors that load into the model; ``swapped`` swaps local shards."""
-    from posthoc_cli.dtensors import is_dtensor
+    from posthoc_cli.record.dtensors import is_dtensor
 
     ema = rec.ema_state_dict(0.05)  # type: ignore[attr-defined]
     live = {n: t.detach().clone() for n, t in model.state_dict().items()}
@@ -198,7 +202,7 @@ def check_torch_loads_dtensors(model: nn.Module, rec: object) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     from posthoc_cli import scan
-    from posthoc_cli.dtensors import is_dtensor
+    from posthoc_cli.record.dtensors import is_dtensor
 
     torch.distributed.barrier()  # every rank's file of the set is written
     snap = scan(rec.ckpt_dir).series[0.05][-1]  # type: ignore[attr-defined]
@@ -230,10 +234,10 @@ def main() -> None:
     rank = dist.get_rank()
     counter = Collectives() if args.count else None
     if args.kill_after and rank == 1:
-        from posthoc_cli import container
+        from posthoc_cli.format import atomic
 
         calls = {"n": 0}
-        write = container.AtomicWriter.write
+        write = atomic.AtomicWriter.write
 
         def dying_write(self, data):  # type: ignore[no-untyped-def]
             calls["n"] += 1
@@ -241,7 +245,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return write(self, data)
 
-        container.AtomicWriter.write = dying_write  # type: ignore[method-assign]
+        atomic.AtomicWriter.write = dying_write  # type: ignore[method-assign]
 
     from posthoc_cli import Recorder
 

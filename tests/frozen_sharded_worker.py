@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from sharded_worker import Net, shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from posthoc_cli import Recorder
-from sharded_worker import Net, shard
 
 
 def main() -> None:

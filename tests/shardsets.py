@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from posthoc_cli.container import write_file
-from posthoc_cli.profiles import sigma_rel_to_gamma
-from posthoc_cli.sharding import SHARDING_INFO_KEY, ShardRecord, rank_file_name
-from posthoc_cli.snapshots import METADATA_KEY, set_name, snapshot_metadata
+from posthoc_cli.ema.profiles import sigma_rel_to_gamma
+from posthoc_cli.format.atomic import write_file
+from posthoc_cli.format.keys import METADATA_KEY
+from posthoc_cli.format.sharding import SHARDING_INFO_KEY, ShardRecord, rank_file_name
+from posthoc_cli.format.snapshot import set_name, snapshot_metadata
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
 Chunking = list[dict[str, Box]]  # per rank file: the chunk of each tensor it holds
@@ -100,7 +101,7 @@ def set_folder(root: Path, sigma_rel: float = 0.05, t: int = 100) -> Path:
 
 def full_tensors(snap: Any) -> dict[str, torch.Tensor]:
     """Every tensor of a snapshot (set or file), assembled from its chunks."""
-    from posthoc_cli.sharding import read_region
+    from posthoc_cli.format.sharding import read_region
 
     return {name: read_region(snap.chunks[name], (0,) * len(shape), shape) for name, (_, shape) in snap.layout.items()}
 

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import drift
+from test_parallel import same_tree, torchrun
 from torch import nn
 
-from conftest import drift
-from posthoc_cli import Recorder, merge, plan, synthesize
-from posthoc_cli.container import load_tensors
-from test_parallel import same_tree, torchrun
+from posthoc_cli import Recorder, plan, synthesize
+from posthoc_cli.format.container import load_tensors
+from posthoc_cli.synth import merge
 
 # Power targets and others, so the pass mixes weight rows of every kind (poor ones too: beta=0.99 and
 # 0.25 at t=400, hence allow_poor: these tests are about bits, not fidelity).

@@ -14,9 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from posthoc_cli import beta_to_sigma_rel, load_synthesized, scan
-from posthoc_cli.cli import app
-from posthoc_cli.container import AtomicWriter, load_tensors, write_file
-from posthoc_cli.snapshots import METADATA_KEY, Snapshot
+from posthoc_cli.cli.app import app
+from posthoc_cli.format.atomic import AtomicWriter, write_file
+from posthoc_cli.format.container import load_tensors
+from posthoc_cli.format.keys import METADATA_KEY
+from posthoc_cli.format.snapshot import Snapshot
 
 SIGMA_REL_MAX = 12**-0.5
 

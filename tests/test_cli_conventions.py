@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_startup import entry_point
 
 TIMEOUT = 120
@@ -127,7 +126,7 @@ def test_a_folder_with_nothing_below_keeps_its_fix(tmp_path):
 
 def _poison(folder: Path) -> Path:
     """Write an Inf into the last snapshot's first tensor (header intact)."""
-    from posthoc_cli.container import read_header
+    from posthoc_cli.format.container import read_header
 
     victim = sorted(folder.glob("*.safetensors"))[-1]
     entry = min(read_header(victim).tensors.values(), key=lambda e: e.begin)
@@ -190,7 +189,7 @@ def test_a_rank_error_relayed_to_rank_0_keeps_both_spellings():
 
 
 def test_a_run_removes_dead_runs_leftovers_but_not_a_live_runs_files(recorded, tmp_path):
-    from posthoc_cli.container import AtomicWriter
+    from posthoc_cli.format.atomic import AtomicWriter
 
     out = tmp_path / "out"
     snapshot = next(recorded.glob("*.safetensors")).read_bytes()  # what our writers put in a temporary file

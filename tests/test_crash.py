@@ -41,8 +41,9 @@ from posthoc_cli import (
     sigma_rel_to_gamma,
     synthesize,
 )
-from posthoc_cli.container import load_tensors, write_file
-from posthoc_cli.snapshots import snapshot_metadata, snapshot_name
+from posthoc_cli.format.atomic import write_file
+from posthoc_cli.format.container import load_tensors
+from posthoc_cli.format.snapshot import snapshot_metadata, snapshot_name
 
 sys.path.insert(0, str(Path(__file__).parent))
 from crash_worker import SIGMA_RELS, Net, Server, record, trajectory

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from posthoc_cli import Recorder, load_synthesized, scan
-from posthoc_cli.container import load_tensors
+from posthoc_cli.format.container import load_tensors
 
 pytestmark = [
     pytest.mark.cuda,

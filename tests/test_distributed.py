@@ -9,8 +9,8 @@ the same full weights every step records (``shardsets.assert_same_snapshots``).
 from __future__ import annotations
 
 import json
-import re
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_worker import SIGMA_RELS, reference_run
-from posthoc_cli import scan
 from shardsets import assert_same_snapshots, full_tensors
+
+from posthoc_cli import scan
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -161,10 +161,11 @@ def test_fsdp2_over_colwise_tp_strided_shards_on_a_2x2_mesh(tmp_path, reference)
 
 def assert_synthesizes_like(folder: Path, reference: Path, tmp_path: Path, ranks: int = 0) -> None:
     """Synthesis from ``folder`` gives the bits of synthesis from the unsharded ``reference`` (and in parallel on ``ranks``)."""
-    import posthoc_cli
     import safetensors.torch
     from test_parallel import torchrun as parallel
     from test_sharded_synthesis import same_bits
+
+    import posthoc_cli
 
     want = posthoc_cli.load_synthesized(reference, 0.07)
     assert same_bits(posthoc_cli.load_synthesized(folder, 0.07), want)
@@ -191,7 +192,7 @@ def test_every_rank_judges_the_whole_strided_layout():
     """FSDP2 over TP (_StridedShard(sf=tp) on dp, then Shard on tp) is recorded wherever the placements' meaning
     and FSDP2's layout (the TP shard cut again) agree on every rank: any size on 2 x 2 and 2 x 4, multiples of
     dp x tp on any mesh; elsewhere (25 rows on 4 x 2) every rank refuses, also those whose own rows agree."""
-    from posthoc_cli.dtensors import _scattered
+    from posthoc_cli.record.dtensors import _scattered
 
     for dp, tp in ((2, 2), (2, 4)):
         assert all(_scattered(rows, ((dp, tp), (tp, 0))) is None for rows in range(0, 40)), (dp, tp)

@@ -20,8 +20,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from posthoc_cli import PoorTargetError, load_synthesized, plan, scan, sigma_rel_to_gamma, synthesize
-from posthoc_cli.container import load_tensors
+from posthoc_cli import (
+    PoorTargetError,
+    load_synthesized,
+    plan,
+    scan,
+    sigma_rel_to_gamma,
+    synthesize,
+)
+from posthoc_cli.format.container import load_tensors
 
 
 def entry_point() -> str:
@@ -263,8 +270,8 @@ def test_the_timing_is_of_the_synthesis_alone(runs, tmp_path):
 def test_the_default_time_on_partly_shared_schedules_is_the_earliest_newest(tmp_path):
     """Series at 96, 98, 100 and at 96, 99: by t=99 each has a snapshot (at 98 and 99), so 99, not the last
     shared time 96; the killed-run case (one series a snapshot short) gives the same as before."""
-    from posthoc_cli.container import write_file
-    from posthoc_cli.snapshots import snapshot_metadata, snapshot_name
+    from posthoc_cli.format.atomic import write_file
+    from posthoc_cli.format.snapshot import snapshot_metadata, snapshot_name
 
     for sigma_rel, times in ((0.05, (96, 98, 100)), (0.10, (96, 99))):
         for t in times:

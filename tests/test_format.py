@@ -12,16 +12,20 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from posthoc_cli import OutputError, Recorder, __version__, load_synthesized, scan, synthesize
-from posthoc_cli import container
-from posthoc_cli.container import (
-    CODES,
-    AtomicWriter,
-    load_tensors,
-    read_header,
-    write_file,
+from posthoc_cli import (
+    OutputError,
+    Recorder,
+    __version__,
+    load_synthesized,
+    scan,
+    synthesize,
 )
-from posthoc_cli.snapshots import read_snapshot, snapshot_metadata
+from posthoc_cli.dtypes import torch_codes
+from posthoc_cli.format import leftovers
+from posthoc_cli.format.atomic import AtomicWriter, write_file
+from posthoc_cli.format.container import load_tensors, read_header
+from posthoc_cli.format.snapshot import snapshot_metadata
+from posthoc_cli.format.snapshot_set import read_snapshot
 
 
 class Golden(nn.Module):
@@ -71,7 +75,7 @@ def test_golden_header_bytes(tmp_path):
 def _all_dtypes() -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     tensors = []
-    for dtype, code in CODES.items():
+    for dtype, code in torch_codes().items():
         if dtype.is_floating_point:
             base = torch.randn(3, 5, generator=g, dtype=torch.float32) * 100
             if code.startswith("F8"):
@@ -95,7 +99,7 @@ def test_every_dtype_round_trips_through_our_writer(tmp_path):
     path = write_file(tmp_path / "all.safetensors", tensors, {"note": "x"})
     header = read_header(path)
     assert {n: (e.code, e.shape) for n, e in header.tensors.items()} == {
-        n: (CODES[t.dtype], tuple(t.shape)) for n, t in tensors
+        n: (torch_codes()[t.dtype], tuple(t.shape)) for n, t in tensors
     }
     assert header.metadata == {"note": "x"}
     ours = load_tensors(header)
@@ -218,10 +222,10 @@ def test_writer_never_follows_a_symlink_planted_at_its_temp_name(tmp_path):
     assert not out.is_symlink() and torch.equal(safetensors.torch.load_file(out)["w"], torch.ones(3))
 
 
-@pytest.mark.skipif(container.fcntl is None, reason="no advisory locks on this system")
+@pytest.mark.skipif(leftovers.fcntl is None, reason="no advisory locks on this system")
 def test_a_live_writers_temp_file_is_never_taken_over(tmp_path, monkeypatch):
     """Also where exclusive locks need a file open for writing (NFS emulates flock so)."""
-    fcntl, real_flock = container.fcntl, container.fcntl.flock
+    fcntl, real_flock = leftovers.fcntl, leftovers.fcntl.flock
 
     def nfs_flock(fd: int, operation: int) -> None:
         if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:

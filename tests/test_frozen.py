@@ -20,8 +20,8 @@ from posthoc_cli import (
     scan,
     synthesize,
 )
-from posthoc_cli.container import load_tensors, read_header
-from posthoc_cli.frozen import FILE_NAME
+from posthoc_cli.format.container import load_tensors, read_header
+from posthoc_cli.format.frozen import FILE_NAME
 
 
 class Adapted(nn.Module):

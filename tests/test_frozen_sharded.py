@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-
-import posthoc_cli
-from posthoc_cli.container import read_header
-from posthoc_cli.frozen_set import FrozenSet
 from sharded_worker import Net
 from test_sharded_synthesis import same_bits
+
+import posthoc_cli
+from posthoc_cli.format.container import read_header
+from posthoc_cli.format.frozen_set import FrozenSet
 
 WORKER = Path(__file__).with_name("frozen_sharded_worker.py")
 TIMEOUT = 150

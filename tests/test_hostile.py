@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import drift
 from typer.testing import CliRunner
 
 import posthoc_cli
-from conftest import drift
 from posthoc_cli import (
     CatalogueError,
     Recorder,
@@ -33,10 +33,10 @@ from posthoc_cli import (
     read_snapshot,
     scan,
 )
-from posthoc_cli.cli import app
-from posthoc_cli.container import write_file
-from posthoc_cli.profiles import sigma_rel_to_gamma
-from posthoc_cli.snapshots import snapshot_metadata, snapshot_name
+from posthoc_cli.cli.app import app
+from posthoc_cli.ema.profiles import sigma_rel_to_gamma
+from posthoc_cli.format.atomic import write_file
+from posthoc_cli.format.snapshot import snapshot_metadata, snapshot_name
 
 PACKAGE = Path(posthoc_cli.__file__).parent
 G05 = sigma_rel_to_gamma(0.05)

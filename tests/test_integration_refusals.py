@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import make_tiny_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from posthoc_cli import InvalidValueError
 from posthoc_cli.integrations._common import is_sharded, refuse_sharded
-
-from conftest import make_tiny_model
 
 
 def test_dtensor_parameters_are_refused_where_not_recorded_saying_what_works(tmp_path: Path) -> None:

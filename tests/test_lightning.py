@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning.pytorch")
 
-from posthoc_cli import Recorder, ResumeError  # noqa: E402
-from posthoc_cli.integrations.lightning import PosthocEMA  # noqa: E402
-
 from conftest import make_tiny_model  # noqa: E402
 from trainer_helpers import assert_same_snapshots, read_folder  # noqa: E402
+
+from posthoc_cli import Recorder, ResumeError  # noqa: E402
+from posthoc_cli.integrations.lightning import PosthocEMA  # noqa: E402
 
 SIGMA_RELS = (0.05, 0.10)
 

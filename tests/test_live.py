@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from torch import nn
 
-from conftest import make_tiny_model
 from posthoc_cli import ModelChangedError, Recorder
 
 
@@ -117,7 +117,7 @@ def test_snapshots_after_a_cast_hold_the_live_values(tmp_path):
     model.double()
     steps([model], [rec], 10)
     from posthoc_cli import scan
-    from posthoc_cli.container import load_tensors
+    from posthoc_cli.format.container import load_tensors
 
     (snap,) = scan(tmp_path).series[0.05]
     stored = load_tensors(snap.header)

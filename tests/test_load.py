@@ -19,16 +19,17 @@ import torch
 from posthoc_cli import (
     OutputError,
     Recorder,
-    container,
     load_synthesized,
     plan,
     scan,
     sigma_rel_to_gamma,
     synthesize,
 )
-from posthoc_cli.container import write_file
-from posthoc_cli.merge import SLICE_BYTES
-from posthoc_cli.snapshots import snapshot_metadata, snapshot_name
+from posthoc_cli.dtypes import torch_codes
+from posthoc_cli.format import leftovers
+from posthoc_cli.format.atomic import write_file
+from posthoc_cli.format.snapshot import snapshot_metadata, snapshot_name
+from posthoc_cli.synth.merge import SLICE_BYTES
 
 SIGMA_RELS = (0.05, 0.10)
 
@@ -45,7 +46,7 @@ def fast_snapshot(path: Path, sigma_rel: float, t: int, tensors: dict[str, torch
     offset, blobs = 0, []
     for name, tensor in tensors.items():
         blob = tensor.contiguous().numpy().tobytes()
-        header[name] = {"dtype": container.CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {"dtype": torch_codes()[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -184,7 +185,7 @@ def full_disk(monkeypatch):
             return real_open("/dev/full", "wb")
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(container, "open", open_on_full_disk, raising=False)
+    monkeypatch.setattr(leftovers, "open", open_on_full_disk, raising=False)
 
 
 def test_disk_full_during_synthesis_leaves_nothing(thousand, tmp_path, full_disk):

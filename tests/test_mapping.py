@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import drift
 from torch import nn
 
-from conftest import drift
-from posthoc_cli import Recorder, SnapshotFileError, load_synthesized, mapping, merge, plan, synthesize
-from posthoc_cli.merge import output_paths, synthesize_iter
+from posthoc_cli import Recorder, SnapshotFileError, load_synthesized, plan, synthesize
+from posthoc_cli.synth import mapping, merge
+from posthoc_cli.synth.merge import output_paths, synthesize_iter
 
 needs_mapping = pytest.mark.skipif(not mapping.supported(), reason="mapping files side by side is Linux-only")
 
@@ -133,7 +134,8 @@ def test_a_write_failing_late_reports_the_first_error(wide, tmp_path):
     size = synthesize(wide, 0.07, out=tmp_path / "whole.safetensors")[0].stat().st_size
     script = f"""
 import resource
-from posthoc_cli import OutputError, merge, synthesize
+from posthoc_cli import OutputError, synthesize
+from posthoc_cli.synth import merge
 merge.SLICE_BYTES = 40 * 4096  # many slices, so writes keep coming after the one that fails
 for short in (10, 200, 700, 2_000, 5_000, 9_000, 14_000):
     resource.setrlimit(resource.RLIMIT_FSIZE, ({size} - short, resource.RLIM_INFINITY))

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import posthoc_cli
-from posthoc_cli.container import read_header
 from conftest import record_with_a_frozen_layer
 from test_sharded_synthesis import reshard
+
+import posthoc_cli
+from posthoc_cli.format.container import read_header
 
 TIMEOUT = 120  # seconds for one torchrun
 WORKER = Path(__file__).with_name("parallel_worker.py")
@@ -151,10 +151,10 @@ def test_one_process_never_touches_torch_distributed(recorded, tmp_path):
     code = (
         "import sys, torch.distributed as dist\n"
         "from typer.testing import CliRunner\n"
-        "from posthoc_cli.cli import app\n"
+        "from posthoc_cli.cli.app import app\n"
         f"r = CliRunner().invoke(app, ['synthesize', {str(recorded)!r}, '-s', '0.15', '--out', {str(tmp_path / 'o')!r}, '--max-shard-size', '1KB'])\n"
         "assert r.exit_code == 0, r.output\n"
-        "print('posthoc_cli.parallel' in sys.modules, dist.is_initialized())\n"
+        "print('posthoc_cli.synth.team' in sys.modules, dist.is_initialized())\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, env=env)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+from test_e2e import cli
 
 from posthoc_cli import scan
-from posthoc_cli.planning import plan_report
-from posthoc_cli.plotting import draw, draw_plan, plot_series
-from posthoc_cli.quality import target_rows
-from posthoc_cli.targets import fit_targets, parse_target
-from test_e2e import cli
+from posthoc_cli.analysis.plotting import draw, draw_plan, plot_series
+from posthoc_cli.analysis.recording_plan import plan_report
+from posthoc_cli.ema.quality import target_rows
+from posthoc_cli.ema.targets import fit_targets, parse_target
 
 
 def test_plot_series_are_the_computed_profiles(recorded: Path, tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_plan_plot_and_plot_command(recorded: Path, tmp_path: Path) -> None:
 def test_without_matplotlib_the_error_names_the_extra(recorded: Path, tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from posthoc_cli.cli import main; sys.argv = ['posthoc-ema', 'plot', sys.argv[1], '--out', sys.argv[2]]; main()"
+        "from posthoc_cli.cli.app import main; sys.argv = ['posthoc-ema', 'plot', sys.argv[1], '--out', sys.argv[2]]; main()"
     )
     result = subprocess.run([sys.executable, "-c", code, str(recorded), str(tmp_path / "x.png")],
                             capture_output=True, text=True, timeout=120)

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posthoc_cli.errors import InvalidValueError
-from posthoc_cli.profiles import (
+from posthoc_cli.ema.profiles import (
     SIGMA_REL_MAX,
     Fit,
     beta_half_life,
@@ -30,6 +29,7 @@ from posthoc_cli.profiles import (
     solve_weights,
     update_beta,
 )
+from posthoc_cli.errors import InvalidValueError
 
 # The paper's schedule: 40 snapshots each of sigma_rel 0.05 and 0.10, every 1000 steps.
 T40 = np.arange(1000.0, 40001.0, 1000.0)

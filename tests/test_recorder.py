@@ -9,8 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from posthoc_cli import InvalidValueError, Recorder, ResumeError, scan, sigma_rel_to_gamma
-from posthoc_cli.container import load_tensors
+from posthoc_cli import (
+    InvalidValueError,
+    Recorder,
+    ResumeError,
+    scan,
+    sigma_rel_to_gamma,
+)
+from posthoc_cli.format.container import load_tensors
 
 
 class Net(nn.Module):
@@ -302,7 +308,7 @@ def test_snapshots_are_written_even_without_close(tmp_path):
 
 
 def test_a_failed_write_is_retried_and_costs_no_other_file(tmp_path, monkeypatch):
-    from posthoc_cli import writer as writer_module
+    from posthoc_cli.record import writer as writer_module
 
     real, calls = writer_module.write_file, []
 
@@ -326,7 +332,7 @@ def test_a_failed_write_is_retried_and_costs_no_other_file(tmp_path, monkeypatch
 
 def test_a_stuck_disk_never_holds_up_training_beyond_the_copy(tmp_path, monkeypatch):
     """With every file write blocked, updates across two snapshot times still return."""
-    from posthoc_cli import writer as writer_module
+    from posthoc_cli.record import writer as writer_module
 
     real, gate = writer_module.write_file, threading.Event()
 

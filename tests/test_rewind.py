@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from posthoc_cli import Recorder, ResumeError
-from posthoc_cli.rewind import set_aside_after
-
 from conftest import make_tiny_model, train_step
 from trainer_helpers import assert_same_snapshots, read_folder
+
+from posthoc_cli import Recorder, ResumeError
+from posthoc_cli.record.rewind import set_aside_after
 
 
 def run(folder: Path, start: int, stop: int, *, state: dict | None = None, model_state: dict | None = None,

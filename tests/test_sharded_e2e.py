@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-
-import posthoc_cli
 from test_parallel import TIMEOUT, torchrun
 from test_sharded_synthesis import same_bits
+
+import posthoc_cli
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shardsets import cut, grid, set_folder, split, write_set
 from typer.testing import CliRunner
 
 from posthoc_cli import CatalogueError, SnapshotFileError, plan, read_snapshot, scan
-from posthoc_cli.cli import app
-from posthoc_cli.container import write_file
-from posthoc_cli.sharding import SHARDING_INFO_KEY, read_region, tiling_problem
-from posthoc_cli.snapshots import read_set
-from shardsets import cut, grid, set_folder, split, write_set
+from posthoc_cli.cli.app import app
+from posthoc_cli.format.atomic import write_file
+from posthoc_cli.format.sharding import SHARDING_INFO_KEY, read_region, tiling_problem
+from posthoc_cli.format.snapshot_set import read_set
 
 
 def model_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -79,8 +79,8 @@ def test_a_single_file_has_the_same_fields(tmp_path, tensors):
 
 
 def write_set_metadata() -> dict[str, str]:
-    from posthoc_cli.profiles import sigma_rel_to_gamma
-    from posthoc_cli.snapshots import snapshot_metadata
+    from posthoc_cli.ema.profiles import sigma_rel_to_gamma
+    from posthoc_cli.format.snapshot import snapshot_metadata
 
     return snapshot_metadata(sigma_rel=0.05, gamma=sigma_rel_to_gamma(0.05), t=100, time_unit="step", updates=100, dtype="float32")
 
@@ -310,6 +310,7 @@ def test_any_grid_tiles_reads_back_and_a_missing_or_grown_chunk_is_caught(tmp_pa
 
 def test_a_resumed_recorder_removes_the_unfinished_sets_it_will_rewrite(tmp_path, tensors, record):
     from conftest import make_tiny_model
+
     from posthoc_cli import Recorder
 
     ckpts = record(tmp_path / "ckpts", steps=100, snapshot_every=20)

@@ -16,15 +16,15 @@ import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shardsets import Chunking, grid, set_folder, write_set
 from typer.testing import CliRunner
 
 import posthoc_cli
-from posthoc_cli.chunked import flat_boxes
-from posthoc_cli.cli import app
-from posthoc_cli.container import load_tensors
-from posthoc_cli.sharding import read_region
-from posthoc_cli.snapshots import read_snapshot
-from shardsets import Chunking, grid, set_folder, write_set
+from posthoc_cli.cli.app import app
+from posthoc_cli.format.container import load_tensors
+from posthoc_cli.format.sharding import read_region
+from posthoc_cli.format.snapshot_set import read_snapshot
+from posthoc_cli.synth.chunked import flat_boxes
 
 
 def columns(tensors: dict[str, torch.Tensor], parts: int) -> Chunking:

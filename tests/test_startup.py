@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import typer.main
-
-from posthoc_cli import Recorder, container, read_snapshot
-from posthoc_cli.container import AtomicWriter
-from posthoc_cli.dtypes import SAFETENSORS_DTYPES, torch_dtype, unit_roundoff
-from posthoc_cli.cli import TENSOR_COMMANDS, app
 from conftest import record_with_a_frozen_layer
+
+from posthoc_cli import Recorder, read_snapshot
+from posthoc_cli.cli.app import TENSOR_COMMANDS, app
+from posthoc_cli.dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype, torch_dtypes, unit_roundoff
+from posthoc_cli.format.atomic import AtomicWriter
 
 TIMEOUT = 300  # seconds for any one run; generous for a loaded 2-core machine
 
@@ -179,7 +179,7 @@ def test_importing_the_package_imports_nothing_heavy():
     lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert lines == [
         "[]",
-        "posthoc_cli.recorder True",
+        "posthoc_cli.record.recorder True",
         "True",
         "AttributeError module 'posthoc_cli' has no attribute 'nothing_by_this_name'",
     ]
@@ -189,9 +189,9 @@ def test_header_modules_work_without_torch(recorded):
     # In a fresh interpreter: scan, read a header, build the inspect report, plan a synthesis.
     code = (
         "import sys\n"
-        "from posthoc_cli.merge import plan\n"
-        "from posthoc_cli.report import inspect_report\n"
-        "from posthoc_cli.snapshots import scan\n"
+        "from posthoc_cli.synth.merge import plan\n"
+        "from posthoc_cli.analysis.report import inspect_report\n"
+        "from posthoc_cli.format.catalogue import scan\n"
         f"cat = scan({str(recorded)!r})\n"
         "report = inspect_report(cat)\n"
         "p = plan(cat.folder, [0.15])\n"
@@ -209,7 +209,7 @@ def test_the_torch_free_dtype_table_agrees_with_torch(code):
     assert (info.itemsize, info.is_floating_point) == (dtype.itemsize, dtype.is_floating_point)
     if info.is_floating_point:
         assert unit_roundoff(code) == torch.finfo(dtype).eps / 2
-    assert container.DTYPES[code] is dtype and container.CODES[dtype] == code  # the old names, built lazily
+    assert torch_dtypes()[code] is dtype and torch_codes()[dtype] == code
     reference = getattr(safetensors.torch, "_TYPES", {})  # the reference implementation's table (private)
     assert reference.get(code, dtype) is dtype
 

@@ -5,13 +5,24 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
+from conftest import drift
 from torch import nn
 
-from conftest import drift
-from posthoc_cli import mapping, merge
-from posthoc_cli import CatalogueError, InvalidValueError, NonFiniteError, OutputError, Recorder, load_synthesized, plan, synthesize
-from posthoc_cli.container import load_tensors, write_file
-from posthoc_cli.snapshots import read_snapshot, scan
+from posthoc_cli import (
+    CatalogueError,
+    InvalidValueError,
+    NonFiniteError,
+    OutputError,
+    Recorder,
+    load_synthesized,
+    plan,
+    synthesize,
+)
+from posthoc_cli.format.atomic import write_file
+from posthoc_cli.format.catalogue import scan
+from posthoc_cli.format.container import load_tensors
+from posthoc_cli.format.snapshot_set import read_snapshot
+from posthoc_cli.synth import mapping, merge
 
 
 @pytest.fixture(autouse=True, params=["mapped", "read"])

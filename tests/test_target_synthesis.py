@@ -18,14 +18,20 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import make_tiny_model
+from test_e2e import cli
+from test_targets import (
+    sim_diffusers,
+    sim_ema_pytorch,
+    sim_litema,
+    sim_supergradients,
+    sim_timm,
+)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from conftest import make_tiny_model
 from posthoc_cli import Recorder, load_synthesized, plan, scan, synthesize
-from posthoc_cli.planning import plan_report, recommend
-from posthoc_cli.report import inspect_report
-from test_e2e import cli
-from test_targets import sim_diffusers, sim_ema_pytorch, sim_litema, sim_supergradients, sim_timm
+from posthoc_cli.analysis.recording_plan import plan_report, recommend
+from posthoc_cli.analysis.report import inspect_report
 
 STEPS = 1000
 TRACKED = {  # spec → the float64 simulation of that library's formula (weights on θ_0..θ_T)

@@ -12,16 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from posthoc_cli.ema.profiles import fit, sigma_rel_to_gamma, update_beta
+from posthoc_cli.ema.targets import closest_power, fit_targets, parse_target
+from posthoc_cli.ema.trackers import Classical, Power, Window
 from posthoc_cli.errors import InvalidValueError
-from posthoc_cli.profiles import fit, sigma_rel_to_gamma, update_beta
-from posthoc_cli.targets import (
-    Classical,
-    Power,
-    Window,
-    closest_power,
-    fit_targets,
-    parse_target,
-)
 
 # --- float64 simulations of each tracker, written from the libraries' formulas -----------------------
 # Each returns the tracker's weights on θ_0 (the initial weights) .. θ_T after T optimizer steps.

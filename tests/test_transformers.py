@@ -15,11 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
+from trainer_helpers import assert_same_snapshots, read_folder  # noqa: E402
 
 from posthoc_cli import Recorder  # noqa: E402
 from posthoc_cli.integrations.transformers import STATE_NAME, PosthocEMACallback  # noqa: E402
-
-from trainer_helpers import assert_same_snapshots, read_folder  # noqa: E402
 
 SIGMA_RELS = (0.05, 0.10)
 POSTHOC_EMA = Path(sys.executable).with_name("posthoc-ema")

@@ -10,8 +10,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import InvalidValueError, ResumeError
-from ..recorder import Recorder
-from ..rewind import set_aside_after
+from ..record.recorder import Recorder
+from ..record.rewind import set_aside_after
 
 SHARDED_HINT = (
     "with Lightning use ModelParallelStrategy (FSDP2 through fully_shard in configure_model) or DDP; "

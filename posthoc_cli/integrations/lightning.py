@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 try:
@@ -41,9 +41,9 @@ except ImportError:  # the older package name ships the same Callback API
 
 import torch
 
-from ..recorder import Recorder
-from ._common import check_sigma_rels, is_sharded, open_recorder
 from ..errors import InvalidValueError
+from ..record.recorder import Recorder
+from ._common import check_sigma_rels, is_sharded, open_recorder
 
 # Strategies whose parameters the Recorder cannot see as DTensors, by class name (the same in lightning
 # and pytorch_lightning): FSDP1 flattens them, DeepSpeed ZeRO partitions them its own way.

@@ -27,8 +27,8 @@ except ImportError as e:
 import torch
 
 from ..errors import InvalidValueError, OutputError
-from ..recorder import Recorder
-from ..snapshots import INTEGRATIONS_FOLDER
+from ..format.catalogue import INTEGRATIONS_FOLDER
+from ..record.recorder import Recorder
 from ._common import open_recorder, refuse_sharded
 
 # The Trainer's FSDP runs through Accelerate, which turns it on for accelerators only (not on CPU), so

@@ -1,0 +1,1 @@
+"""The `posthoc-ema` command line (Typer): one module per command group."""

@@ -1,0 +1,29 @@
+"""The names every posthoc-ema file shares: the metadata key of its record, the format version, the suffix.
+
+A leaf: every other module of the format (and the writers above it) takes these from here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from .._version import __version__
+
+FORMAT_VERSION = 1  # of a snapshot's (and a synthesized file's) record
+METADATA_KEY = "posthoc_ema"  # the safetensors ``__metadata__`` key holding our JSON record
+SUFFIX = ".safetensors"
+KINDS = ("snapshot", "synthesized")  # the kinds of file a snapshot record may describe
+
+
+
+def library_info() -> dict[str, str]:
+    """The ``library`` field of every record we write."""
+    return {"name": "posthoc-ema", "version": __version__}
+
+
+def utc_now() -> str:
+    """The ``created`` field of a record: the time now, ``2026-12-04T21:41:42Z``."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+__all__ = ["FORMAT_VERSION", "KINDS", "METADATA_KEY", "SUFFIX", "library_info", "utc_now"]
