@@ -92,7 +92,7 @@ def reference(server, tmp_path_factory) -> Reference:
 
 
 def test_reference_run_equals_a_float64_recomputation(reference):
-    """The oracle itself: each snapshot is Σ_k w_k θ(t_k) with the closed-form weights of DESIGN.md §1."""
+    """The oracle itself: each snapshot is Σ_k w_k θ(t_k) with the closed-form weights of docs/design.md §1."""
     names = [n for n, v in Net().state_dict().items()]
     thetas = {t: {n: trajectory(t, v.shape, i) for i, (n, v) in enumerate(Net().state_dict().items()) if v.is_floating_point()}
               for t in range(1, STEPS + 1)}

@@ -1,4 +1,4 @@
-"""Sharded snapshot sets on disk (DESIGN.md §5): complete, incomplete and broken sets, chunked reads.
+"""Sharded snapshot sets on disk (docs/design.md §5): complete, incomplete and broken sets, chunked reads.
 
 Sets are written by ``shardsets.write_set`` with the library's own metadata
 functions, then bent into every hostile shape the contract names.

@@ -208,7 +208,7 @@ def _pseudo_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def solve_gram(a: np.ndarray, b: np.ndarray, t_r: float) -> np.ndarray:
     """Weights from the Gram matrix ``a`` and the targets' inner products ``b``, columns summing to 1.  # => [inputs, targets]
 
-    Any target works: only b_i = ⟨p_i, p_r⟩ depends on its profile (DESIGN §6).
+    Any target works: only b_i = ⟨p_i, p_r⟩ depends on its profile (docs/design.md §6).
     """
     # Symmetric diagonal equilibration: the profiles are rescaled to unit norm,
     # so the diagonal is 1 and entries from different t and gamma are

@@ -1,7 +1,7 @@
 """Inner products of a per-update (staircase) profile with power-function profiles.
 
 A tracker that folds the weights in at update times u_1 < u_2 < … gives the
-n-th update a weight w_n, and the Recorder's time model (DESIGN §1, Eq. 127)
+n-th update a weight w_n, and the Recorder's time model (docs/design.md §1, Eq. 127)
 lets that update stand for the interval (u_{n-1}, u_n] (u_0 = 0): the profile
 is the staircase q(τ) = w_n / ℓ_n there, ℓ_n = u_n − u_{n-1}. Its inner product
 with the power profile p_i of a snapshot (t_i, gamma_i), s = gamma_i + 1, is

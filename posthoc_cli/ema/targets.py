@@ -1,7 +1,7 @@
 """Targets of a synthesis: power-function EMAs and every other EMA-like average.
 
 Every EMA a tracker keeps is linear in the training trajectory: a target is a
-profile, non-negative weights over training time (DESIGN §6). A tracker with
+profile, non-negative weights over training time (docs/design.md §6). A tracker with
 per-update decays d_n (ema ← d_n·ema + (1 − d_n)·θ) gives the n-th update the
 weight (1 − d_n)·∏_{j>n} d_j and leaves ∏_j d_j on the weights it started from.
 An update at step u_n stands for the steps (u_{n−1}, u_n] since the previous

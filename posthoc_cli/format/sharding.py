@@ -1,4 +1,4 @@
-"""Sharded snapshots on disk (DESIGN.md section 5): chunks, rank-file records, tiling checks, region reads.
+"""Sharded snapshots on disk (docs/design.md §5): chunks, rank-file records, tiling checks, region reads.
 
 A snapshot of a sharded model is a folder ``ema-s0.050-t000000100000/`` holding
 one safetensors file per writing rank. Each file holds that rank's chunk of

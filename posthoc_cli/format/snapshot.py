@@ -1,4 +1,4 @@
-"""One snapshot file, format version 1 (docs/design.md, "Snapshot files"): its names, metadata and record.
+"""One snapshot file, format version 1 (docs/design.md §2): its names, metadata and record.
 
 Every fact about a snapshot comes from its header's ``posthoc_ema`` metadata,
 never from its file name. A sharded snapshot (a folder of rank files) is read

@@ -1,4 +1,4 @@
-"""A sharded snapshot: a folder of rank files that together hold one snapshot (docs/design.md, "Sharded snapshots").
+"""A sharded snapshot: a folder of rank files that together hold one snapshot (docs/design.md §5).
 
 Each rank file is a version-1 snapshot whose record adds ``shard`` (and whose
 header adds ``DCP_SHARDING_INFO``, :mod:`.sharding`). A set is complete when it

@@ -1,11 +1,11 @@
-"""What the Recorder averages (DESIGN.md section 8): a role for every state-dict name.
+"""What the Recorder averages (docs/design.md §8): a role for every state-dict name.
 
 Each tensor of the model gets one of three roles:
 
 - ``averaged``: an EMA is kept and written in every snapshot (parameters that
   require grad, floating-point buffers such as BatchNorm statistics);
 - ``as-is``: integer and bool buffers (``num_batches_tracked``), written in
-  every snapshot as they are (DESIGN.md section 2);
+  every snapshot as they are (docs/design.md §2);
 - ``stored once``: frozen parameters, and whatever the patterns leave out,
   written once per folder (:mod:`.frozen`), never averaged.
 
