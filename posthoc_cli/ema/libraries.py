@@ -73,6 +73,15 @@ def _warmup(k: np.ndarray, inv_gamma: float, power: float) -> np.ndarray:
     return 1.0 - (1.0 + k / inv_gamma) ** -power
 
 
+def _clamp_params(decay: float, min_decay: float, update_after_step: int) -> dict[str, Any]:
+    """The checked ``decay``, ``min_decay`` and ``update_after_step`` of diffusers' and timm's clamped decay."""
+    return {
+        "decay": check_decay("decay", decay, closed=True),
+        "min_decay": check_decay("min_decay", min_decay, closed=True),
+        "update_after_step": check_whole("update_after_step", update_after_step, low=0),
+    }
+
+
 def _clamped_ramp(t: int, ramp: Callable[[np.ndarray], np.ndarray], decay: float, min_decay: float,
                   after: int) -> Schedule:
     """Copies while k = n − after − 1 ≤ 0, then max(min(ramp(k), decay), min_decay): diffusers' and timm's
@@ -102,11 +111,8 @@ class Diffusers(Tracked):
     def __init__(self, decay: float = 0.9999, min_decay: float = 0.0, update_after_step: int = 0,
                  use_ema_warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3) -> None:
         self.params = {
-            "decay": check_decay("decay", decay, closed=True),
-            "min_decay": check_decay("min_decay", min_decay, closed=True),
-            "update_after_step": check_whole("update_after_step", update_after_step, low=0),
-            "use_ema_warmup": bool(use_ema_warmup), "inv_gamma": check_positive("inv_gamma", inv_gamma),
-            "power": check_positive("power", power),
+            **_clamp_params(decay, min_decay, update_after_step), "use_ema_warmup": bool(use_ema_warmup),
+            "inv_gamma": check_positive("inv_gamma", inv_gamma), "power": check_positive("power", power),
         }
         self.spec = spec_text("diffusers", self.params, self._defaults)
 
@@ -141,10 +147,8 @@ class Timm(Tracked):
     def __init__(self, decay: float = 0.9999, min_decay: float = 0.0, update_after_step: int = 0,
                  use_warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3) -> None:
         self.params = {
-            "decay": check_decay("decay", decay, closed=True),
-            "min_decay": check_decay("min_decay", min_decay, closed=True),
-            "update_after_step": check_whole("update_after_step", update_after_step, low=0),
-            "use_warmup": bool(use_warmup), "warmup_gamma": check_positive("warmup_gamma", warmup_gamma),
+            **_clamp_params(decay, min_decay, update_after_step), "use_warmup": bool(use_warmup),
+            "warmup_gamma": check_positive("warmup_gamma", warmup_gamma),
             "warmup_power": check_positive("warmup_power", warmup_power),
         }
         self.spec = spec_text("timm", self.params, self._defaults)
