@@ -25,14 +25,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
     from types import ModuleType
     from typing import Any
 
-    from .ema.profiles import (
-        SIGMA_REL_MAX,
-        beta_to_sigma_rel,
-        gamma_to_sigma_rel,
-        sigma_rel_to_beta,
-        sigma_rel_to_gamma,
-        solve_weights,
-    )
+    from .ema.classical import beta_to_sigma_rel, sigma_rel_to_beta
+    from .ema.profiles import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
+    from .ema.solve import solve_weights
     from .errors import (
         CatalogueError,
         FrozenWeightsError,
@@ -61,10 +56,8 @@ _ERRORS = frozenset(
      "ParallelError", "PoorTargetError", "PosthocError", "ResumeError",
      "SnapshotFileError", "WriterError"}
 )
-_PROFILES = frozenset(
-    {"SIGMA_REL_MAX", "beta_to_sigma_rel", "gamma_to_sigma_rel", "sigma_rel_to_beta", "sigma_rel_to_gamma",
-     "solve_weights"}
-)
+_PROFILES = frozenset({"SIGMA_REL_MAX", "gamma_to_sigma_rel", "sigma_rel_to_gamma"})
+_CLASSICAL = frozenset({"beta_to_sigma_rel", "sigma_rel_to_beta"})
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from . import errors as home
     elif name in _PROFILES:
         from .ema import profiles as home
+    elif name in _CLASSICAL:
+        from .ema import classical as home
+    elif name == "solve_weights":
+        from .ema import solve as home
     elif name in ("load_synthesized", "plan", "synthesize"):
         from .synth import merge as home
     elif name == "Recorder":

@@ -97,6 +97,26 @@ def run_interleaved(cases: Mapping[str, Case], repeats: int, warmup: int = 1) ->
     return results
 
 
+def per_call(fn: Callable[[], object], calls: int, sync: Callable[[], object] | None = None) -> Case:
+    """A case that times ``calls`` calls of ``fn`` back to back: seconds per call.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and again before it
+    stops, so work a device still has queued is neither charged to the block nor left out of it.
+    """
+
+    def case() -> float:
+        if sync is not None:
+            sync()
+        t0 = now()
+        for _ in range(calls):
+            fn()
+        if sync is not None:
+            sync()
+        return (now() - t0) / calls
+
+    return case
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -54,6 +54,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+# the tests' collective counter: the bench reports the same count that tests/test_distributed.py asserts is 0
+sys.path.insert(0, str(B.REPO_ROOT / "tests"))
+from dist_worker import Collectives
+
 SIGMA_RELS = (0.05, 0.10)
 
 
@@ -68,38 +72,6 @@ class Tower(nn.Module):
         for layer in self.layers:
             x = torch.relu(layer(x))
         return x
-
-
-class CollectiveCounter:
-    """Counts collective operations: c10d ops seen by a dispatch mode, and calls of torch.distributed's functions."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-             "broadcast", "barrier", "all_to_all", "all_to_all_single", "send", "recv", "gather", "scatter", "reduce")
-
-    def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        self.count = 0
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-                if "c10d" in str(func):
-                    counter.count += 1
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode
-        for name in self.NAMES:
-            original = getattr(dist, name, None)
-            if original is not None:
-                setattr(dist, name, self._wrap(original))
-
-    def _wrap(self, original):  # type: ignore[no-untyped-def]
-        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-            self.count += 1
-            return original(*args, **kwargs)
-
-        return counted
 
 
 def _fsdp2_rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
@@ -119,7 +91,7 @@ def _fsdp2_rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
     model(x).sum().backward()  # FSDP2's lazy initialisation, as in training
     model.zero_grad(set_to_none=True)
     folder = Path(args["folder"])
-    counter = CollectiveCounter()
+    counter = Collectives()
     rec = Recorder(model, folder, sigma_rels=SIGMA_RELS, snapshot_every=10**12)
     local = [p._local_tensor for p in model.parameters()]  # the same local shards the Recorder reads
     floor_emas = [[t.clone() for t in local] for _ in SIGMA_RELS]

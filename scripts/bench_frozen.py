@@ -85,16 +85,7 @@ def main() -> None:
         }
 
         def block(fn: Callable[[], object]) -> B.Case:
-            def case() -> float:
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = B.now()
-                for _ in range(steps):
-                    fn()
-                if cuda:
-                    torch.cuda.synchronize()
-                return (B.now() - t0) / steps
-            return case
+            return B.per_call(fn, steps, torch.cuda.synchronize if cuda else None)
 
         results = B.run_interleaved({k: block(fn) for k, fn in contenders.items()}, repeats, warmup=1)
         med = {k: B.median(v) for k, v in results.items()}

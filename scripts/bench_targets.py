@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from posthoc_cli.ema.profiles import gram, sigma_rel_to_gamma, solve_gram
+from posthoc_cli.ema.profiles import sigma_rel_to_gamma
+from posthoc_cli.ema.solve import gram, solve_gram
 from posthoc_cli.ema.targets import fit_targets, parse_target
 
 

@@ -144,16 +144,7 @@ def bench_shape(label: str, count: int, shape: tuple[int, ...], steps: int, repe
         runnable = {k: v for k, v in updaters.items() if callable(v)}
 
         def block(fn: Callable[[], object]) -> B.Case:
-            def case() -> float:
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = B.now()
-                for _ in range(steps):
-                    fn()
-                if cuda:
-                    torch.cuda.synchronize()
-                return (B.now() - t0) / steps
-            return case
+            return B.per_call(fn, steps, torch.cuda.synchronize if cuda else None)
 
         # Warm-up: also performs each library's first update (a copy, not a lerp).
         results = B.run_interleaved({k: block(fn) for k, fn in runnable.items()}, repeats, warmup=1)

@@ -10,53 +10,27 @@ MODE: fsdp2, tp or hsdp (as in sharded_worker.py). A second run with more STEPS 
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from sharded_worker import Net, shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from sharded_worker import record_both, sharded_and_full
+from torch.distributed.tensor import DTensor
 
 from posthoc_cli import Recorder
 
 
 def main() -> None:
     mode, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = Net()
-    model.fc1.requires_grad_(False)  # the frozen base: stored once, never averaged
-    full = copy.deepcopy(model)
-    shard(model, mode, world)
+    model, full, rank, world = sharded_and_full(mode, frozen=True)
     assert isinstance(model.fc1.weight, DTensor) and not model.fc1.weight.requires_grad
     if "--perturb" in sys.argv and rank == world - 1:
         with torch.no_grad():
             model.fc1.weight.to_local().view(-1)[0] += 1.0
     rec = Recorder(model, folder / "sharded", sigma_rels=(0.05, 0.10), snapshot_every=4)
     ref = Recorder(full, folder / "plain", sigma_rels=(0.05, 0.10), snapshot_every=4, write=True) if rank == 0 else None
-    start = rec.t
-    with torch.no_grad():
-        for step in range(start + 1, steps + 1):
-            g = torch.Generator().manual_seed(step)
-            for (name, p), q in zip(model.named_parameters(), full.parameters()):
-                if name.startswith("fc1"):
-                    continue
-                new = torch.randn(q.shape, generator=g) * (1 + step / 10)
-                q.copy_(new)
-                p.to_local().copy_(distribute_tensor(new, p.device_mesh, p.placements, src_data_rank=None).to_local())
-            for b, c in zip(model.buffers(), full.buffers()):
-                value = torch.full_like(c, step)
-                b.copy_(value)
-                c.copy_(value)
-            rec.update()
-            if ref is not None:
-                ref.update()
-    rec.close()
-    if ref is not None:
-        ref.close()
+    record_both(model, full, rec, ref, steps)  # fc1 stays as it is
     dist.barrier()
     dist.destroy_process_group()
 

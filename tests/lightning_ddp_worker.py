@@ -44,6 +44,16 @@ class Lit(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+def fit_and_report(trainer: L.Trainer, module: L.LightningModule, resume: Path | None, out: Path) -> None:
+    """Fit (resuming from ``resume``), then write this rank's ``rank{R}-of-{W}.done`` to ``out``: the global
+    step reached and whether its PosthocEMA's Recorder writes files, for the test to read."""
+    trainer.fit(module, ckpt_path=resume)
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, PosthocEMA)]
+    assert callback.recorder is not None
+    done = f"{trainer.global_step} writes={callback.recorder.writes}"
+    (out / f"rank{trainer.global_rank}-of-{trainer.world_size}.done").write_text(done)
+
+
 def main() -> None:
     out, single = Path(sys.argv[1]), "--single" in sys.argv
     resume = Path(sys.argv[sys.argv.index("--resume") + 1]) if "--resume" in sys.argv else None
@@ -57,11 +67,7 @@ def main() -> None:
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=not single,
         use_distributed_sampler=False, callbacks=callbacks, default_root_dir=out,
     )
-    trainer.fit(Lit(), ckpt_path=resume)
-    (callback,) = [c for c in trainer.callbacks if isinstance(c, PosthocEMA)]
-    assert callback.recorder is not None
-    done = f"{trainer.global_step} writes={callback.recorder.writes}"
-    (out / f"rank{trainer.global_rank}-of-{trainer.world_size}.done").write_text(done)
+    fit_and_report(trainer, Lit(), resume, out)
 
 
 if __name__ == "__main__":

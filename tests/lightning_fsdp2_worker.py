@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning_ddp_worker import fit_and_report
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -77,11 +78,7 @@ def main() -> None:
         accelerator="cpu", devices=2, strategy=strategy, max_steps=10, logger=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks, default_root_dir=out,
     )
-    trainer.fit(Lit(None if resume else out / "hand"), ckpt_path=resume)
-    (callback,) = [c for c in trainer.callbacks if isinstance(c, PosthocEMA)]
-    assert callback.recorder is not None
-    done = f"{trainer.global_step} writes={callback.recorder.writes}"
-    (out / f"rank{trainer.global_rank}-of-{trainer.world_size}.done").write_text(done)
+    fit_and_report(trainer, Lit(None if resume else out / "hand"), resume, out)
 
 
 if __name__ == "__main__":

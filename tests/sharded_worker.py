@@ -52,21 +52,15 @@ def shard(model: Net, mode: str, world: int) -> None:
         fully_shard(model, mesh=mesh)  # a 2-D mesh: HSDP
 
 
-def main() -> None:
-    mode, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = Net()
-    full = copy.deepcopy(model)
-    shard(model, mode, world)
-    assert any(isinstance(p, DTensor) for p in model.parameters())
-    rec = Recorder(model, folder / "sharded", sigma_rels=(0.05, 0.10), snapshot_every=10)
-    ref = Recorder(full, folder / "plain", sigma_rels=(0.05, 0.10), snapshot_every=10) if rank == 0 else None
+def record_both(model: Net, full: Net, rec: Recorder, ref: Recorder | None, steps: int) -> None:
+    """Steps rec.t + 1 .. ``steps``: the same seeded full weights into ``full`` and, as local shards, into ``model``
+    (frozen parameters stay as they are), every buffer set to the step; both Recorders updated, then closed."""
     with torch.no_grad():
-        for step in range(1, steps + 1):
+        for step in range(rec.t + 1, steps + 1):
             g = torch.Generator().manual_seed(step)
-            for (name, p), q in zip(model.named_parameters(), full.parameters()):
+            for p, q in zip(model.parameters(), full.parameters()):
+                if not q.requires_grad:
+                    continue
                 new = torch.randn(q.shape, generator=g) * (1 + step / 10)
                 q.copy_(new)
                 p.to_local().copy_(distribute_tensor(new, p.device_mesh, p.placements, src_data_rank=None).to_local())
@@ -80,6 +74,29 @@ def main() -> None:
     rec.close()
     if ref is not None:
         ref.close()
+
+
+def sharded_and_full(mode: str, frozen: bool = False) -> tuple[Net, Net, int, int]:
+    """Join the gloo group; the seeded :class:`Net` sharded by ``mode`` and an unsharded copy of it
+    (fc1 frozen in both if ``frozen``), with this rank and the world size."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = Net()
+    if frozen:
+        model.fc1.requires_grad_(False)  # the frozen base: stored once, never averaged
+    full = copy.deepcopy(model)
+    shard(model, mode, world)
+    return model, full, rank, world
+
+
+def main() -> None:
+    mode, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    model, full, rank, _ = sharded_and_full(mode)
+    assert any(isinstance(p, DTensor) for p in model.parameters())
+    rec = Recorder(model, folder / "sharded", sigma_rels=(0.05, 0.10), snapshot_every=10)
+    ref = Recorder(full, folder / "plain", sigma_rels=(0.05, 0.10), snapshot_every=10) if rank == 0 else None
+    record_both(model, full, rec, ref, steps)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -37,12 +37,8 @@ from posthoc_cli import (
     scan,
 )
 from posthoc_cli.cli.app import app
-from posthoc_cli.ema.profiles import (
-    SIGMA_REL_MAX,
-    fit,
-    sigma_rel_to_gamma,
-    solve_weights,
-)
+from posthoc_cli.ema.profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
+from posthoc_cli.ema.solve import fit, solve_weights
 from posthoc_cli.format.atomic import write_file
 from posthoc_cli.format.container import load_tensors
 from posthoc_cli.format.snapshot import NotASnapshot, snapshot_metadata, snapshot_name
@@ -327,7 +323,7 @@ def test_tiny_target_sigma_rel_is_a_clear_error():
 @given(st.one_of(st.floats(0, 1), st.floats(1e-30, 1e-3), st.floats(0.999, 1)), st.integers(1, 10**9), st.integers(1, 100),
        st.one_of(st.floats(0, SIGMA_REL_MAX), st.floats(1e-300, 1e-3)))
 def test_classical_ema_conversions_give_a_value_or_a_clear_error(beta, steps, every, sigma_rel):
-    from posthoc_cli.ema.profiles import beta_to_sigma_rel, sigma_rel_to_beta
+    from posthoc_cli.ema.classical import beta_to_sigma_rel, sigma_rel_to_beta
 
     COUNTS["conversions"] = COUNTS.get("conversions", 0) + 1
     with no_hang():

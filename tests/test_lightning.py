@@ -198,21 +198,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def worker_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def two_processes(worker: Path, *args: object, timeout: float) -> str:
+    """Run ``worker`` under torchrun on 2 processes; its stderr, once it has succeeded."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, *args],
+        timeout=timeout, env=worker_env(), capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
 def test_ddp_on_two_processes_matches_one_process_and_resumes_exactly(tmp_path: Path) -> None:
     worker = Path(__file__).with_name("lightning_ddp_worker.py")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def two_processes(*args: object) -> None:
-        done = subprocess.run(
-            [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, *args],
-            timeout=300, env=env, capture_output=True, text=True,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    subprocess.run([sys.executable, worker, tmp_path / "one", "--single"], check=True, timeout=300, env=env,
+    subprocess.run([sys.executable, worker, tmp_path / "one", "--single"], check=True, timeout=300, env=worker_env(),
                    capture_output=True)
-    two_processes(tmp_path / "two")
+    two_processes(worker, tmp_path / "two", timeout=300)
     assert (tmp_path / "one" / "rank0-of-1.done").read_text() == "10 writes=True"
     assert (tmp_path / "two" / "rank0-of-2.done").read_text() == "10 writes=True"
     assert (tmp_path / "two" / "rank1-of-2.done").read_text() == "10 writes=False"
@@ -221,7 +226,7 @@ def test_ddp_on_two_processes_matches_one_process_and_resumes_exactly(tmp_path: 
     assert assert_same_snapshots(tmp_path / "one" / "ema", tmp_path / "two" / "ema", exact=False) == 6
     # Resume the 2-process run at step 6 into a copy of its folder (which holds the future 8 and 10).
     shutil.copytree(tmp_path / "two" / "ema", tmp_path / "again" / "ema")
-    two_processes(tmp_path / "again", "--resume", tmp_path / "two" / "ckpt" / "step=6.ckpt")
+    two_processes(worker, tmp_path / "again", "--resume", tmp_path / "two" / "ckpt" / "step=6.ckpt", timeout=300)
     assert assert_same_snapshots(tmp_path / "two" / "ema", tmp_path / "again" / "ema") == 6
     aside = read_folder(tmp_path / "again" / "ema" / ".abandoned-after-t000000000006")
     assert {m["t"] for _, m in aside.values()} == {8, 10}
@@ -232,18 +237,7 @@ def test_fsdp2_model_parallel_on_two_processes_writes_every_shard_and_resumes_ex
     from shardsets import assert_same_snapshots as same_sets
 
     worker = Path(__file__).with_name("lightning_fsdp2_worker.py")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def two_processes(*args: object) -> str:
-        done = subprocess.run(
-            [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, *args],
-            timeout=150, env=env, capture_output=True, text=True,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stderr
-
-    two_processes(tmp_path / "run")
+    two_processes(worker, tmp_path / "run", timeout=150)
     for rank in (0, 1):  # every rank holds a shard, so every rank writes
         assert (tmp_path / "run" / f"rank{rank}-of-2.done").read_text() == "10 writes=True"
     sets = sorted(p for p in (tmp_path / "run" / "ema").iterdir() if not p.name.startswith("."))
@@ -255,14 +249,14 @@ def test_fsdp2_model_parallel_on_two_processes_writes_every_shard_and_resumes_ex
     assert (tmp_path / "run" / "ema" / ".trainer-state" / "t000000000006" / "rank-00001.pt").is_file()
     # Resume at step 6 (between snapshots) into a copy of the folder holding the future 8 and 10.
     shutil.copytree(tmp_path / "run" / "ema", tmp_path / "again" / "ema")
-    two_processes(tmp_path / "again", "--resume", tmp_path / "run" / "ckpt" / "step=6.ckpt")
+    two_processes(worker, tmp_path / "again", "--resume", tmp_path / "run" / "ckpt" / "step=6.ckpt", timeout=150)
     assert same_sets(tmp_path / "again" / "ema", tmp_path / "run" / "ema") == 6
     aside = tmp_path / "again" / "ema" / ".abandoned-after-t000000000006"
     assert sorted(p.name for p in aside.iterdir()) == [p.name for p in sets if int(p.name[-12:]) > 6]
     # Without the per-rank state files the EMAs continue from the snapshots, with a warning (exact at a snapshot time).
     shutil.copytree(tmp_path / "run" / "ema", tmp_path / "lost" / "ema")
     shutil.rmtree(tmp_path / "lost" / "ema" / ".trainer-state")
-    stderr = two_processes(tmp_path / "lost", "--resume", tmp_path / "run" / "ckpt" / "step=8.ckpt")
+    stderr = two_processes(worker, tmp_path / "lost", "--resume", tmp_path / "run" / "ckpt" / "step=8.ckpt", timeout=150)
     assert "no EMA state file" in stderr
     assert same_sets(tmp_path / "lost" / "ema", tmp_path / "run" / "ema") == 6
 

@@ -1,4 +1,4 @@
-"""Tests for posthoc_cli.profiles: the post-hoc EMA math (Karras et al. 2023, Sec. 3, App. C)."""
+"""Tests for posthoc_cli.ema.profiles, .solve and .classical: the post-hoc EMA math (Karras et al. 2023, Sec. 3, App. C)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posthoc_cli.ema.profiles import (
-    SIGMA_REL_MAX,
-    Fit,
+from posthoc_cli.ema.classical import (
     beta_half_life,
     beta_std_steps,
     beta_to_sigma_rel,
-    check_sigma_rel,
-    fit,
-    gamma_to_sigma_rel,
-    gram,
-    profile_dot,
-    profile_error,
-    profile_norm_sq,
     sigma_rel_to_beta,
+)
+from posthoc_cli.ema.profiles import (
+    SIGMA_REL_MAX,
+    check_sigma_rel,
+    gamma_to_sigma_rel,
+    profile_dot,
+    profile_norm_sq,
     sigma_rel_to_gamma,
+    update_beta,
+)
+from posthoc_cli.ema.solve import (
+    Fit,
+    fit,
+    gram,
+    profile_error,
     solve_gram,
     solve_weights,
-    update_beta,
 )
 from posthoc_cli.errors import InvalidValueError
 

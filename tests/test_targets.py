@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posthoc_cli.ema.profiles import fit, sigma_rel_to_gamma, update_beta
+from posthoc_cli.ema.profiles import sigma_rel_to_gamma, update_beta
+from posthoc_cli.ema.solve import fit
 from posthoc_cli.ema.targets import closest_power, fit_targets, parse_target
 from posthoc_cli.ema.trackers import Classical, Power, Window
 from posthoc_cli.errors import InvalidValueError

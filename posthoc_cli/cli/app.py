@@ -41,14 +41,16 @@ from rich.table import Table
 from .._version import __version__
 from ..analysis.report import inspect_report
 from ..dtypes import ACCUMULATE, FLOAT_DTYPES, choose
-from ..ema.profiles import (
-    SIGMA_REL_MAX,
-    SIGMA_REL_MIN,
+from ..ema.classical import (
     beta_half_life,
     beta_std_steps,
     beta_to_sigma_rel,
-    check_sigma_rel,
     sigma_rel_to_beta,
+)
+from ..ema.profiles import (
+    SIGMA_REL_MAX,
+    SIGMA_REL_MIN,
+    check_sigma_rel,
     sigma_rel_to_gamma,
 )
 from ..ema.quality import FAITHFUL, POOR

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .profiles import fit, sigma_rel_to_gamma
+from .profiles import sigma_rel_to_gamma
+from .solve import fit
 from .targets import closest_power, fit_targets, parse_targets
 from .trackers import Target
 

@@ -33,29 +33,16 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..errors import InvalidValueError, spelled
+from .libraries import Diffusers, EmaPytorch, LitEma, SuperGradients, Timm
 from .profiles import (
     SIGMA_REL_MAX,
-    Fit,
     gamma_to_sigma_rel,
-    gram,
-    gram_error,
     profile_norm_sq,
     sigma_rel_to_gamma,
-    solve_gram,
 )
 from .schedules import EXPLICIT_LIMIT, Schedule
-from .trackers import (
-    Classical,
-    Diffusers,
-    EmaPytorch,
-    LitEma,
-    Power,
-    SuperGradients,
-    Target,
-    Timm,
-    Tracked,
-    Window,
-)
+from .solve import Fit, gram, gram_error, solve_gram
+from .trackers import Classical, Power, Target, Tracked, Window
 
 MOSTLY_INITIAL = 0.5  # a target still holding this much of the initial weights is refused
 
@@ -236,7 +223,7 @@ def fit_targets(
 ) -> Fit:
     """Snapshot weights for any targets at time ``t``, their profile errors and Σ|w|.
 
-    The least-squares solve of :func:`~posthoc_cli.profiles.fit` (Alg. 3) with b and
+    The least-squares solve of :func:`~posthoc_cli.ema.solve.fit` (Alg. 3) with b and
     ⟨p_r, p_r⟩ from each target. Inputs later than ``t`` get weight 0; a power
     target equal to an input gets exactly that input.
 

@@ -29,8 +29,10 @@ import numpy as np
 
 from .. import dtypes
 from ..dtypes import ACCUMULATE, FLOAT_DTYPES, choose, storage_names, unit_roundoff
-from ..ema.profiles import Fit, sigma_rel_to_beta, sigma_rel_to_gamma
+from ..ema.classical import sigma_rel_to_beta
+from ..ema.profiles import sigma_rel_to_gamma
 from ..ema.quality import NOISE_BOUND, POOR, reproduced
+from ..ema.solve import Fit
 from ..ema.targets import (
     check_initial,
     closest_power,
