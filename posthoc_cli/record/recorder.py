@@ -1,12 +1,10 @@
 """The Recorder: power-function EMAs of a model inside the training loop, written as snapshots.
 
-Per EMA and per step the work is one fused multi-tensor lerp over tensor lists
-built once (Eq. 127 with the exact step length Δ), with beta computed in Python
-from integers, so an update never reads a device tensor and never synchronises.
-The Recorder composes the parts: :mod:`.binding` (the model's tensors),
-:mod:`.averages` (the EMAs and their update), :mod:`.resume` (continuing a
-folder or a checkpoint), :mod:`.snapshot_files` and :mod:`.writer` (the
-snapshots), :mod:`.ranks` (torch.distributed).
+The public face of recording; it composes the parts: :mod:`.binding` (the model's
+tensors), :mod:`.averages` (the EMAs and their update: one fused lerp per EMA, no
+device read, no synchronisation), :mod:`.resume` (continuing a folder or a trainer's
+checkpoint), :mod:`.snapshot_files` and :mod:`.writer` (the snapshots), and
+:mod:`.ranks` (torch.distributed).
 """
 
 from __future__ import annotations
@@ -58,7 +56,7 @@ class Recorder:
     rank keeps the EMAs, so any of them can evaluate with :meth:`swapped`. A model
     with DTensor parameters (FSDP2, tensor parallel, HSDP) is recorded shard by
     shard: each rank averages its local shards, without communication, and writes
-    its file of a sharded snapshot folder (see :mod:`.dtensors` and :mod:`.sharding`).
+    its file of a sharded snapshot folder (see :mod:`.dtensors` and :mod:`posthoc_cli.format.sharding`).
 
     The Recorder follows the model's live tensors: made before ``model.to(...)``,
     ``to_empty``, ``load_state_dict(assign=True)`` or ``fully_shard``, it starts over
@@ -136,7 +134,7 @@ class Recorder:
         self._use(Averages(self._bind(), self.sigma_rels, self.gammas))
         self.writes = self._avg.binding.writes(self._write_option)
         catalogue = scan(self.ckpt_dir)
-        resume.continue_folder(catalogue, self._avg, self._files, time_unit=self.time_unit)
+        resume.continue_folder(catalogue, self._avg, self._files)
         if initial:  # at construction, while no rank writes
             doomed = resume.stale_sets(catalogue, self.sigma_rels, self._avg.t)
             self._avg.binding.by_one_rank(lambda: resume.remove_sets(doomed), writes=self.writes)

@@ -7,7 +7,7 @@ and model. Unfinished sharded sets after the resume time are removed, so that th
 rewrite starts clean. From a checkpoint, :func:`saved_state` / :func:`checked_state`
 carry each EMA exactly, also between snapshot times.
 
->>> continue_folder(scan("ckpts"), averages, files, time_unit="step")  # doctest: +SKIP
+>>> continue_folder(scan("ckpts"), averages, files)  # doctest: +SKIP
 >>> averages.t, averages.t_ema  # doctest: +SKIP
 (3000, [3000])
 """
@@ -34,8 +34,11 @@ from .snapshot_files import SnapshotFiles
 STATE_FORMAT = 1  # version of Recorder.state_dict()
 
 
-def continue_folder(catalogue: Catalogue, averages: Averages, files: SnapshotFiles, *, time_unit: str) -> None:
-    """Each EMA from its latest snapshot, its snapshots marked written in ``files``; or refuse with what differs."""
+def continue_folder(catalogue: Catalogue, averages: Averages, files: SnapshotFiles) -> None:
+    """Each EMA from its latest snapshot, its snapshots marked written in ``files``; or refuse with what differs.
+
+    The snapshots must be of ``averages``' sigma_rels and model, and in ``files``' dtype and time unit.
+    """
     files.written.clear()
     if not catalogue.series and not catalogue.broken:
         return
@@ -52,7 +55,7 @@ def continue_folder(catalogue: Catalogue, averages: Averages, files: SnapshotFil
             f"{files.folder} holds snapshots of sigma_rels {recorded}, not {sorted(sigma_rels)}",
             f"pass sigma_rels={tuple(recorded)} to continue them, or use a new folder",
         )
-    storage = storage_names()[files.dtype]
+    storage, time_unit = storage_names()[files.dtype], files.time_unit
     for k, sigma_rel in enumerate(sigma_rels):
         if sigma_rel not in catalogue.series:
             continue  # not written yet (see above): starts at t=0
