@@ -28,6 +28,7 @@ import torch
 
 from ..errors import InvalidValueError, OutputError
 from ..format.catalogue import INTEGRATIONS_FOLDER
+from ..record import ranks
 from ..record.recorder import Recorder
 from ._common import open_recorder, refuse_sharded
 
@@ -39,12 +40,6 @@ HF_SHARDED_HINT = (
 )
 
 STATE_NAME = "posthoc_ema_state.pt"  # beside the Trainer's files in each checkpoint-N folder
-
-
-def _barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class PosthocEMACallback(transformers.TrainerCallback):
@@ -94,7 +89,7 @@ class PosthocEMACallback(transformers.TrainerCallback):
         self.recorder = open_recorder(
             model, self._folder(args), self._options, step=step,
             state=torch.load(saved, map_location="cpu", weights_only=True) if saved else None,
-            writer=state.is_world_process_zero, barrier=_barrier,
+            writer=state.is_world_process_zero, barrier=ranks.barrier,
         )
 
     def _find_state(self, args: transformers.TrainingArguments, step: int) -> Path | None:

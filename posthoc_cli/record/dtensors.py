@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidValueError
+from . import ranks
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -270,18 +271,18 @@ def _writers(tensor: torch.Tensor) -> tuple[set[int], LocalChunk]:
                 f"the model holds {name()}: only Shard, _StridedShard and Replicate placements can be recorded without communication",
                 "record the model after its pending reductions (a Partial placement is an intermediate result, not a parameter)",
             )
-    world = torch.distributed.get_world_size()
-    ranks, replicated = _world_mesh(mesh, [isinstance(p, Replicate) for p in placements])
-    if ranks is None or ranks.numel() != world:
+    world = ranks.world_size()
+    grid, replicated = _world_mesh(mesh, [isinstance(p, Replicate) for p in placements])
+    if grid is None or grid.numel() != world:
         raise InvalidValueError(
             f"the model holds {name()} on a mesh of {mesh.mesh.numel()} ranks, but the job has {world}: the other ranks' copies are unknown to it",
             "put every rank in the DTensor's mesh (e.g. HSDP on a 2-D mesh instead of a sub-mesh plus DDP)",
         )
     offsets, local_shape = _local_box(tensor, name())
     for dim in replicated:
-        ranks = ranks.narrow(dim, 0, 1)
-    writers = set(ranks.flatten().tolist())
-    me = torch.distributed.get_rank()
+        grid = grid.narrow(dim, 0, 1)
+    writers = set(grid.flatten().tolist())
+    me = ranks.rank()
     return writers, LocalChunk(tuple(tensor.shape), offsets, local_shape, me in writers)
 
 
@@ -303,7 +304,7 @@ def shard_plan(state: Mapping[str, torch.Tensor]) -> ShardPlan | None:
             shape = tuple(tensor.shape)
             found.append((None, LocalChunk(shape, (0,) * len(shape), shape, False)))
     order = sorted(everyone)
-    me = torch.distributed.get_rank()
+    me = ranks.rank()
     first = me == order[0]
     chunks = []
     for writers, chunk in found:
