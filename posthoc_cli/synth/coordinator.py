@@ -42,7 +42,8 @@ class Coordinator(Protocol):
         ...
 
     def part(self, p: Plan) -> tuple[int, int] | None:
-        """This process's byte range of the model (None: all of it)."""
+        """This process's byte range of the model, written in place into outputs rank 0 reserved;
+        None: all of it, written in order (one process)."""
         ...
 
     def close(self) -> None:

@@ -100,7 +100,8 @@ def synthesize_iter(
     """
     import torch  # noqa: F401  (before the clock starts: importing it is start-up, not synthesis)
 
-    split = coordinator.size > 1
+    part = coordinator.part(p)
+    split = part is not None  # a team, whose ranks write parts of the outputs in place (of one rank too)
     if split and trainable_only and not all(e.is_floating_point for e in p.entries):
         # The ranks split the snapshot tensors' bytes; outputs that leave buffers out are not split yet.
         raise InvalidValueError(
@@ -125,9 +126,8 @@ def synthesize_iter(
     try:
         reserved = coordinator.agree(prepare if coordinator.rank == 0 else list)[0]
         started = time.perf_counter()
-        part = coordinator.part(p)
         # A team's ranks write their parts in place (the last one goes on with the frozen weights, which follow).
-        pieces = [PieceSink(files, part_offset(p, part[0] if part else 0, dtype)) for files in reserved]
+        pieces = [PieceSink(files, part_offset(p, part[0], dtype)) for files in reserved] if part is not None else []
         sinks: Sequence[Sink] = pieces if split else writers
         copies = frozen_part(p, trainable_only) if coordinator.rank == coordinator.size - 1 else []
         extra = sum(e.nbytes for e in copies)
