@@ -45,7 +45,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
     from .format.catalogue import scan
     from .format.snapshot_set import read_snapshot
     from .record.recorder import Recorder
-    from .synth.merge import load_synthesized, plan, synthesize
+    from .synth.plan import plan
+    from .synth.synthesis import load_synthesized, synthesize
 
 # Nothing is imported with the package itself: the `posthoc-ema` entry point imports this package
 # before it can handle Ctrl-C, and `Recorder` needs torch, which the CLI's light commands never
@@ -70,8 +71,10 @@ def __getattr__(name: str) -> Any:
         from .ema import classical as home
     elif name == "solve_weights":
         from .ema import solve as home
-    elif name in ("load_synthesized", "plan", "synthesize"):
-        from .synth import merge as home
+    elif name == "plan":
+        from .synth import plan as home
+    elif name in ("load_synthesized", "synthesize"):
+        from .synth import synthesis as home
     elif name == "Recorder":
         from .record import recorder as home
     elif name == "read_snapshot":

@@ -22,7 +22,8 @@ from torch import nn
 
 from posthoc_cli import Recorder, plan, synthesize
 from posthoc_cli.format.container import load_tensors
-from posthoc_cli.synth import merge
+from posthoc_cli.synth import inputs as synth_inputs
+from posthoc_cli.synth import stream
 
 # Power targets and others, so the pass mixes weight rows of every kind (poor ones too: beta=0.99 and
 # 0.25 at t=400, hence allow_poor: these tests are about bits, not fidelity).
@@ -86,8 +87,8 @@ def test_every_target_is_the_fixed_order_sum_alone_with_8_and_with_9(recorded, t
 @pytest.mark.parametrize("slice_bytes", [1, 4 * 7, 333 * 4 * 3, 1 << 30])
 def test_slices_of_one_row_or_many_give_the_same_bits(recorded, tmp_path, monkeypatch, slice_bytes):
     whole = safetensors.torch.load_file(synthesize(recorded, NINE, out=tmp_path / "whole", allow_poor=True)[2])
-    monkeypatch.setattr(merge, "SLICE_BYTES", slice_bytes)
-    monkeypatch.setattr(merge, "_MAP_MIN_BYTES", 1)  # map even the narrowest slices
+    monkeypatch.setattr(stream, "SLICE_BYTES", slice_bytes)
+    monkeypatch.setattr(synth_inputs, "_MAP_MIN_BYTES", 1)  # map even the narrowest slices
     for mmap in ("1", "0"):
         monkeypatch.setenv("POSTHOC_EMA_MMAP", mmap)
         sliced = safetensors.torch.load_file(synthesize(recorded, [NINE[2], 0.25], out=tmp_path / f"s{mmap}", allow_poor=True)[0])

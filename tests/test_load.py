@@ -29,7 +29,7 @@ from posthoc_cli.dtypes import torch_codes
 from posthoc_cli.format import leftovers
 from posthoc_cli.format.atomic import write_file
 from posthoc_cli.format.snapshot import snapshot_metadata, snapshot_name
-from posthoc_cli.synth.merge import SLICE_BYTES
+from posthoc_cli.synth.stream import SLICE_BYTES
 
 SIGMA_RELS = (0.05, 0.10)
 

@@ -15,8 +15,9 @@ from conftest import drift
 from torch import nn
 
 from posthoc_cli import Recorder, SnapshotFileError, load_synthesized, plan, synthesize
-from posthoc_cli.synth import mapping, merge
-from posthoc_cli.synth.merge import output_paths, synthesize_iter
+from posthoc_cli.synth import mapping, stream
+from posthoc_cli.synth.output_plan import output_paths
+from posthoc_cli.synth.synthesis import synthesize_iter
 
 needs_mapping = pytest.mark.skipif(not mapping.supported(), reason="mapping files side by side is Linux-only")
 
@@ -75,10 +76,10 @@ def test_rows_are_the_files_bytes(tmp_path):
 
 
 @needs_mapping
-@pytest.mark.parametrize("slice_bytes", [merge.SLICE_BYTES, 40 * 4096 + 12])
+@pytest.mark.parametrize("slice_bytes", [stream.SLICE_BYTES, 40 * 4096 + 12])
 def test_mapped_equals_read(wide, tmp_path, monkeypatch, slice_bytes):
     """Same bytes either way, also when slices start mid-page and split the tensors."""
-    monkeypatch.setattr(merge, "SLICE_BYTES", slice_bytes)
+    monkeypatch.setattr(stream, "SLICE_BYTES", slice_bytes)
     targets = [0.07, 0.15]
     mapped = synthesized(wide, targets, tmp_path / "mapped", monkeypatch, mapped=True)
     read = synthesized(wide, targets, tmp_path / "read", monkeypatch, mapped=False)
@@ -105,9 +106,9 @@ def test_headers_of_other_lengths(wide, tmp_path, monkeypatch):
         got = synthesized(folder, [0.12], tmp_path / "b.safetensors", monkeypatch, mapped=True)[0]
         for name, tensor in expected.items():  # summed group by group: rounded a little differently
             torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7)
-        cases = [(False, [0.12], merge.SLICE_BYTES), (True, [0.05, 0.12, 0.2], merge.SLICE_BYTES), (True, [0.12], 40 * 4096 + 12)]
+        cases = [(False, [0.12], stream.SLICE_BYTES), (True, [0.05, 0.12, 0.2], stream.SLICE_BYTES), (True, [0.12], 40 * 4096 + 12)]
         for mapped, targets, slice_bytes in cases:
-            monkeypatch.setattr(merge, "SLICE_BYTES", slice_bytes)
+            monkeypatch.setattr(stream, "SLICE_BYTES", slice_bytes)
             out = tmp_path / "c"
             again = synthesized(folder, targets, out / "c.safetensors" if len(targets) == 1 else out, monkeypatch, mapped=mapped)
             for name, tensor in got.items():
@@ -135,8 +136,8 @@ def test_a_write_failing_late_reports_the_first_error(wide, tmp_path):
     script = f"""
 import resource
 from posthoc_cli import OutputError, synthesize
-from posthoc_cli.synth import merge
-merge.SLICE_BYTES = 40 * 4096  # many slices, so writes keep coming after the one that fails
+from posthoc_cli.synth import stream
+stream.SLICE_BYTES = 40 * 4096  # many slices, so writes keep coming after the one that fails
 for short in (10, 200, 700, 2_000, 5_000, 9_000, 14_000):
     resource.setrlimit(resource.RLIMIT_FSIZE, ({size} - short, resource.RLIM_INFINITY))
     try:

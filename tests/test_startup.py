@@ -189,7 +189,7 @@ def test_header_modules_work_without_torch(recorded):
     # In a fresh interpreter: scan, read a header, build the inspect report, plan a synthesis.
     code = (
         "import sys\n"
-        "from posthoc_cli.synth.merge import plan\n"
+        "from posthoc_cli.synth.plan import plan\n"
         "from posthoc_cli.analysis.report import inspect_report\n"
         "from posthoc_cli.format.catalogue import scan\n"
         f"cat = scan({str(recorded)!r})\n"

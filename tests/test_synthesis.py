@@ -22,7 +22,7 @@ from posthoc_cli.format.atomic import write_file
 from posthoc_cli.format.catalogue import scan
 from posthoc_cli.format.container import load_tensors
 from posthoc_cli.format.snapshot_set import read_snapshot
-from posthoc_cli.synth import mapping, merge
+from posthoc_cli.synth import inputs, mapping, stream
 
 
 @pytest.fixture(autouse=True, params=["mapped", "read"])
@@ -31,7 +31,7 @@ def input_path(request, monkeypatch):
     if request.param == "mapped":
         if not mapping.supported():
             pytest.skip("mapping files side by side is Linux-only")
-        monkeypatch.setattr(merge, "_MAP_MIN_BYTES", 1)
+        monkeypatch.setattr(inputs, "_MAP_MIN_BYTES", 1)
     else:
         monkeypatch.setenv("POSTHOC_EMA_MMAP", "0")
 
@@ -120,7 +120,7 @@ def test_many_targets_in_one_pass_equal_single_runs(recorded, tmp_path, accumula
 def test_slicing_does_not_change_results(recorded, monkeypatch):
     """Tensors split across many tiny read buffers give the same sums as whole-tensor reads."""
     whole = load_synthesized(recorded / "ckpts", 0.15)
-    monkeypatch.setattr(merge, "SLICE_BYTES", 64)
+    monkeypatch.setattr(stream, "SLICE_BYTES", 64)
     sliced = load_synthesized(recorded / "ckpts", 0.15)
     for name in whole:
         assert torch.equal(sliced[name], whole[name]), name

@@ -58,8 +58,10 @@ from ..ema.targets import ACCEPTED, closest_power, from_options, target_name
 from ..ema.trackers import Classical
 from ..errors import InvalidValueError, PosthocError, cli_text
 from ..format.catalogue import no_snapshots, scan
-from ..synth.merge import Plan, output_paths, plan, synthesize_iter
+from ..synth.coordinator import Coordinator, OneProcess, launched
 from ..synth.outputs import parse_size
+from ..synth.plan import Plan
+from ..synth.synthesis import plan_outputs, synthesize_iter
 
 if TYPE_CHECKING:
     from . import demo as demo_lib
@@ -268,9 +270,8 @@ def synthesize(
     An existing output is kept unless --force is given; a failed run leaves no output.
     """
     with _user_errors("interrupted — no output was written"), contextlib.ExitStack() as stack:
-        team = _join_team()  # under torchrun: the ranks split the work; rank 0 alone prints
-        if team is not None:
-            stack.callback(team.close)
+        coordinator = _join_team()  # under torchrun: the ranks split the work; rank 0 alone prints
+        stack.callback(coordinator.close)
         if dtype is not None:
             choose("dtype", dtype, FLOAT_DTYPES)
         choose("accumulate", accumulate, ACCUMULATE)
@@ -281,17 +282,13 @@ def synthesize(
             dtype=dtype, accumulate=accumulate, force=force, allow_nonfinite=allow_nonfinite,
             max_shard_size=max_shard_size, trainable_only=trainable_only,
         )
-        if team is None:
-            p = plan(folder, targets, t=step, allow_poor=allow_poor)
-            paths = output_paths(p, out, max_shard_size=max_shard_size)
-        else:
-            p, paths = team.plan_outputs(
-                folder, targets, t=step, out=out, max_shard_size=max_shard_size, allow_poor=allow_poor
-            )
-        steps = synthesize_iter(p, paths, **options) if team is None else team.synthesize_iter(p, paths, **options)
+        p, paths = plan_outputs(
+            coordinator, folder, targets, t=step, out=out, max_shard_size=max_shard_size, allow_poor=allow_poor
+        )
+        steps = synthesize_iter(p, paths, coordinator=coordinator, **options)
         total, seconds = 0, 0.0
         try:
-            with _progress(enabled=sys.stderr.isatty() and (team is None or team.rank == 0)) as bar:
+            with _progress(enabled=sys.stderr.isatty() and coordinator.rank == 0) as bar:
                 task = bar.add_task("synthesizing", total=None) if bar else None
                 for progress in steps:
                     total, seconds = progress.total, progress.seconds  # the work alone: no start-up, no planning
@@ -299,9 +296,9 @@ def synthesize(
                         bar.update(task, completed=progress.done, total=progress.total)
         finally:
             # Closing the generator now (not at garbage collection) removes the temporary files at once.
-            getattr(steps, "close", lambda: None)()
+            steps.close()
         warnings = _synthesis_warnings(p)
-        if team is not None and team.rank != 0:
+        if coordinator.rank != 0:
             return
         if as_json:
             _json(_synthesis_document(p, paths, dtype, accumulate, total, seconds, warnings))
@@ -315,16 +312,16 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _join_team() -> Any:
-    """The ranks of a parallel synthesis when started by torchrun (None otherwise). Ranks other
-    than 0 print nothing: rank 0 reports their errors too."""
-    if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-        return None  # as parallel.launched(), without importing torch.distributed
-    from ..synth import team as parallel
+def _join_team() -> Coordinator:
+    """The ranks of a parallel synthesis when started by torchrun (this process alone otherwise).
+    Ranks other than 0 print nothing: rank 0 reports their errors too."""
+    if not launched():
+        return OneProcess()  # which never imports torch.distributed
+    from ..synth.team import Team
 
     # torchrun stops the other ranks with SIGTERM when one fails: unwind, so temporary files are removed.
     signal.signal(signal.SIGTERM, _interrupt)
-    team = parallel.Team.join()
+    team = Team.join()
     if team.rank != 0:
         global _quiet_rank
         _quiet_rank = (team.rank, os.dup(sys.stderr.fileno()))

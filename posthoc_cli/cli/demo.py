@@ -29,7 +29,9 @@ from torch import nn
 
 from ..errors import InvalidValueError, OutputError
 from ..record.recorder import Recorder
-from ..synth.merge import output_paths, plan, synthesize_iter
+from ..synth.output_plan import output_paths
+from ..synth.plan import plan
+from ..synth.synthesis import synthesize_iter
 
 RECORDED = (0.05, 0.10)
 SWEEP = (0.03, 0.05, 0.075, 0.10, 0.125, 0.15, 0.20, 0.25)

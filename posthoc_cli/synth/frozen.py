@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from ..errors import SnapshotFileError
 from ..format.container import read_into
 from ..format.frozen import FrozenFile
 from ..format.frozen_set import FrozenSet
 from ..format.sharding import read_region
+from .sinks import Sink
 
 
-def copy_frozen(file: FrozenFile | FrozenSet, sinks: Sequence[Any], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
+def copy_frozen(file: FrozenFile | FrozenSet, sinks: Sequence[Sink], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
     """Append every tensor of ``file`` to each sink, bit for bit, in file order; yields (name, bytes) as it goes."""
     import torch
-
 
     if isinstance(file, FrozenSet):
         yield from copy_set(file, sinks, chunk)
@@ -40,7 +39,7 @@ def copy_frozen(file: FrozenFile | FrozenSet, sinks: Sequence[Any], chunk: int =
         os.close(fd)
 
 
-def copy_set(stored: FrozenSet, sinks: Sequence[Any], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
+def copy_set(stored: FrozenSet, sinks: Sequence[Sink], chunk: int = 16 << 20) -> Iterator[tuple[str, int]]:
     """Append every tensor of a complete set to each sink in row-major order, in slices of about ``chunk`` bytes."""
     import torch
 

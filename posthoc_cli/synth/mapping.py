@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # annotations only: importing this module (merge.py does) must not import torch
+if TYPE_CHECKING:  # annotations only: importing this module (inputs.py does) must not import torch
     import torch
 
 PAGE = mmap.PAGESIZE

@@ -165,6 +165,36 @@ def check_folder(path: Path, force: bool) -> None:
         )
 
 
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; return those created, deepest first, for :func:`remove_folders`."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    try:
+        for f in reversed(missing):
+            _new_folder(f, f)  # made meanwhile by another process: fine
+    except BaseException:  # an error or Ctrl-C half-way: the folders made so far go again (empty ones only)
+        remove_folders(missing)
+        raise
+    return missing
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Remove the folders :func:`make_folders` created, those still empty."""
+    for folder in created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _new_folder(path: Path, output: Path) -> bool:
+    """Create ``path``; False when it exists already. Other failures are reported for ``output``."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise output_error(output, e) from e
+    return True
+
+
 class OutputWriter:
     """Writes one :class:`Output`: tensor data in file order through :meth:`write`, then :meth:`commit`.
 
@@ -259,13 +289,8 @@ def _temp_folder(final: Path, suffix: str = ".tmp") -> Path:
     # made with mkdir (not mkdtemp, whose 0700 would stay on the output) so the umask applies.
     for _ in range(100):
         temp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{suffix}")
-        try:
-            temp.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise output_error(final, e) from e
-        return temp
+        if _new_folder(temp, final):
+            return temp
     raise OutputError(f"cannot create a temporary folder beside {final}", "remove the hidden .*.tmp folders there")
 
 
