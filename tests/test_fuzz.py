@@ -36,7 +36,7 @@ from posthoc_cli import (
     read_snapshot,
     scan,
 )
-from posthoc_cli.cli.app import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.ema.profiles import (
     SIGMA_REL_MAX,
     fit,
