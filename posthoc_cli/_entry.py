@@ -1,6 +1,6 @@
 """The ``posthoc-ema`` console script: Ctrl-C is handled from the first moment, then the CLI runs.
 
-``[project.scripts]`` points here, not at :func:`posthoc_cli.cli.main`, because a
+``[project.scripts]`` points here, not at :func:`posthoc_cli.cli.main.main`, because a
 console script imports its target module before it calls anything: pointed at
 ``cli``, the CLI's imports (Typer, Rich, numpy: a few hundred milliseconds) would
 run before any handler exists, and Ctrl-C there printed Python's traceback.
@@ -37,7 +37,7 @@ def main() -> NoReturn:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     try:
-        from .cli.app import main as run_cli
+        from .cli.main import main as run_cli
 
         run_cli()  # always ends in SystemExit
     except KeyboardInterrupt:  # during the imports above, or anywhere the CLI did not catch it itself

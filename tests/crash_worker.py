@@ -7,7 +7,7 @@ runs in a forked child, so a trial costs a fork instead of a fresh interpreter
 
 - ``{"cmd": "record", "dir": D, "steps": T, ...}``: a real Recorder records the
   deterministic trajectory of :func:`set_weights` into D, resuming whatever D holds.
-- ``{"cmd": "cli", "argv": [...]}``: ``posthoc_cli.cli.app.main()`` with that argv; the
+- ``{"cmd": "cli", "argv": [...]}``: ``posthoc_cli.cli.main.main()`` with that argv; the
   child exits with its exit code.
 
 Ways to die, on top of either command:
@@ -182,7 +182,7 @@ def _child(command: dict) -> int:
         except PosthocError as e:
             error = f"{type(e).__name__}: {e}"
     elif command["cmd"] == "cli":
-        from posthoc_cli.cli.app import main
+        from posthoc_cli.cli.main import main
 
         sys.argv = ["posthoc-ema", *command["argv"]]
         try:
@@ -233,7 +233,7 @@ def _run(command: dict) -> dict:
 
 def serve() -> None:
     import posthoc_cli  # noqa: F401  (imported once here, so every forked child starts warm)
-    import posthoc_cli.cli.app  # noqa: F401
+    import posthoc_cli.cli.main  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

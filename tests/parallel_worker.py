@@ -8,10 +8,10 @@ import os
 import resource
 import signal
 
-import posthoc_cli.cli.app
+import posthoc_cli.cli.main
 import posthoc_cli.synth.team  # noqa: F401  (imported before the limit: no cache file may be written after it)
 
 if os.environ.get("RANK") == "1":
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-posthoc_cli.cli.app.main()
+posthoc_cli.cli.main.main()

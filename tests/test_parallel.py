@@ -151,7 +151,7 @@ def test_one_process_never_touches_torch_distributed(recorded, tmp_path):
     code = (
         "import sys, torch.distributed as dist\n"
         "from typer.testing import CliRunner\n"
-        "from posthoc_cli.cli.app import app\n"
+        "from posthoc_cli.cli.main import app\n"
         f"r = CliRunner().invoke(app, ['synthesize', {str(recorded)!r}, '-s', '0.15', '--out', {str(tmp_path / 'o')!r}, '--max-shard-size', '1KB'])\n"
         "assert r.exit_code == 0, r.output\n"
         "print('posthoc_cli.synth.team' in sys.modules, dist.is_initialized())\n"

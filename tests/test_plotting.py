@@ -52,7 +52,7 @@ def test_plan_plot_and_plot_command(recorded: Path, tmp_path: Path) -> None:
 def test_without_matplotlib_the_error_names_the_extra(recorded: Path, tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from posthoc_cli.cli.app import main; sys.argv = ['posthoc-ema', 'plot', sys.argv[1], '--out', sys.argv[2]]; main()"
+        "from posthoc_cli.cli.main import main; sys.argv = ['posthoc-ema', 'plot', sys.argv[1], '--out', sys.argv[2]]; main()"
     )
     result = subprocess.run([sys.executable, "-c", code, str(recorded), str(tmp_path / "x.png")],
                             capture_output=True, text=True, timeout=120)

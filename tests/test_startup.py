@@ -31,7 +31,8 @@ import typer.main
 from conftest import record_with_a_frozen_layer
 
 from posthoc_cli import Recorder, read_snapshot
-from posthoc_cli.cli.app import TENSOR_COMMANDS, app
+from posthoc_cli.cli.main import TENSOR_COMMANDS
+from posthoc_cli.cli.common import app
 from posthoc_cli.dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype, torch_dtypes, unit_roundoff
 from posthoc_cli.format.atomic import AtomicWriter
 
@@ -85,7 +86,7 @@ def run_traced(tmp_path: Path, *args: object, env: dict[str, str] | None = None)
 
 # -- light commands ---------------------------------------------------------------------------------
 
-# One or more real runs of every command that is not in cli.TENSOR_COMMANDS. A new light command
+# One or more real runs of every command that is not in cli.main.TENSOR_COMMANDS. A new light command
 # needs an example here (test_every_light_command_is_exercised says so). "{ckpts}": a recorded folder.
 LIGHT_RUNS: list[tuple[list[str], int]] = [
     ([], 2),  # bare: the help
@@ -164,7 +165,7 @@ def test_every_light_command_is_exercised():
     assert TENSOR_COMMANDS <= commands
     exercised = {args[0] for args, code in LIGHT_RUNS if args and code == 0 and "--help" not in args}
     missing = commands - TENSOR_COMMANDS - exercised
-    assert not missing, f"add a run of {sorted(missing)} to LIGHT_RUNS, or list it in cli.TENSOR_COMMANDS if it needs torch"
+    assert not missing, f"add a run of {sorted(missing)} to LIGHT_RUNS, or list it in cli.main.TENSOR_COMMANDS if it needs torch"
 
 
 def test_importing_the_package_imports_nothing_heavy():
