@@ -68,7 +68,7 @@ class InvalidValueError(PosthocError, ValueError):
 
 
 class PoorTargetError(InvalidValueError):
-    """A target the snapshots reproduce only roughly (profile error above :data:`~posthoc_cli.quality.POOR`)."""
+    """A target the snapshots reproduce only roughly (profile error above :data:`~posthoc_cli.ema.quality.POOR`)."""
 
 
 class SnapshotFileError(PosthocError):

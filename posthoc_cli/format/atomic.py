@@ -135,7 +135,7 @@ class AtomicWriter:
     def reserve(self) -> int:
         """Give the temp file its full size, for other processes to fill with positioned writes.
 
-        Parallel synthesis (``parallel.py``) has every rank write its own byte range of
+        Parallel synthesis (:mod:`posthoc_cli.synth.synthesis`) has every rank write its own byte range of
         the temp file; :meth:`commit` then takes the data as written. Returns
         :attr:`data_start`.
         """

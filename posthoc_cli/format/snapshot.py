@@ -186,7 +186,7 @@ class NotASnapshot(Exception):
 
 
 class StoredOnceFile(NotASnapshot):
-    """The folder's frozen weights, stored once (kind ``"frozen"``, :mod:`.frozen`): not a snapshot, not foreign."""
+    """The folder's frozen weights, stored once (kind ``"frozen"``, :mod:`.frozen`; the Recorder writes it): not a snapshot, not foreign."""
 
     def __init__(self, file: FrozenFile) -> None:
         super().__init__(f"{file.path}: frozen weights stored once")

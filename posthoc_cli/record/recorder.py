@@ -266,7 +266,7 @@ class Recorder:
 
         Snapshots in the folder written after the state's time belong to an
         abandoned run: the writing rank moves them into a subfolder that scans
-        ignore (:func:`posthoc_cli.rewind.set_aside_after`). A sharded model's
+        ignore (:func:`posthoc_cli.record.rewind.set_aside_after`). A sharded model's
         state is this rank's local shards: every rank saves and loads its own,
         and every rank must call this (it waits at two barriers). A snapshot due at the
         state's time but missing from the folder (the run stopped before it was

@@ -5,7 +5,7 @@ slice, whatever the inputs' chunkings: one slice may cross chunks of a sharded
 set, and inputs recorded with different world sizes are chunked differently.
 A flat range is a few boxes (a partial row, full rows, a partial row, down the
 dimensions); each box is read from the chunks it meets with
-:func:`~posthoc_cli.sharding.read_region`, which reads only the bytes it needs.
+:func:`~posthoc_cli.format.sharding.read_region`, which reads only the bytes it needs.
 Synthesis is elementwise, so summing these rows gives exactly what the same
 values in single files give.
 

@@ -187,7 +187,7 @@ def synthesize(
 ) -> list[Path]:
     """Synthesize the EMA of each target at time ``t`` and write it as a safetensors file.
 
-    Targets: sigma_rels, spec strings or :mod:`posthoc_cli.targets` objects, mixed
+    Targets: sigma_rels, spec strings or :mod:`posthoc_cli.ema.trackers` objects, mixed
     (``[0.15, "beta=0.9999", "window=1000"]``). One target: ``out`` is the file;
     several: ``out`` is a folder (default: the current folder, files named
     ``ema-s<sigma_rel>-t<t>.safetensors``, or ``ema-<spec>-t<t>.safetensors``). The
