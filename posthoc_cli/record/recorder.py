@@ -109,7 +109,7 @@ class Recorder:
         self.time_unit = time_unit
         # One staging set per file in flight: max_pending snapshot times of every EMA.
         self._writer = SnapshotWriter(background=async_write, max_pending=max_pending * len(sigma_rels))
-        self._files = SnapshotFiles(self._writer, self.ckpt_dir, sigma_rels, self.gammas, time_unit, snapshot_dtype)
+        self._files = SnapshotFiles(self._writer, self.ckpt_dir, time_unit, snapshot_dtype)
         selection = Filter.make(average_frozen=average_frozen, include=include, exclude=exclude)
         # A sharded model's frozen set is named now (one broadcast), so it is written later without talking.
         self._bind = functools.partial(Binding, model, self.ckpt_dir, selection, frozen_set_id(model, selection), ema_device)

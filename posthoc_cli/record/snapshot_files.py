@@ -6,7 +6,7 @@ chunks. Each carries the snapshot's metadata and the id of the frozen weights it
 with. :class:`.writer.SnapshotWriter` stages and writes them; a file whose write
 failed is tried again at the next snapshot of that time.
 
->>> files = SnapshotFiles(writer, Path("ckpts"), (0.05,), (6.94,), "step", torch.float32)  # doctest: +SKIP
+>>> files = SnapshotFiles(writer, Path("ckpts"), "step", torch.float32)  # doctest: +SKIP
 >>> files.write(1000, averages, writes=True)  # doctest: +SKIP
 >>> files.staging[0].path  # doctest: +SKIP
 PosixPath('ckpts/ema-s0.050-t000000001000.safetensors')
@@ -14,7 +14,7 @@ PosixPath('ckpts/ema-s0.050-t000000001000.safetensors')
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -35,15 +35,11 @@ class SnapshotFiles:
         self,
         writer: SnapshotWriter,
         folder: Path,
-        sigma_rels: Sequence[float],
-        gammas: Sequence[float],
         time_unit: str,
         dtype: torch.dtype,
     ) -> None:
         self.writer = writer
         self.folder = folder
-        self.sigma_rels = tuple(sigma_rels)
-        self.gammas = tuple(gammas)
         self.time_unit = time_unit
         self.dtype = dtype
         # (EMA index, t) → the job writing it (None: on disk before the Recorder started); a failed job is retried.
@@ -80,7 +76,7 @@ class SnapshotFiles:
         names = [n for n, kept in zip(binding.names, keep) if kept]
         stable = [averaged for (averaged, _), kept in zip(binding.slots, keep) if kept]  # EMAs wait for their copy
         jobs = []
-        for k, sigma_rel in enumerate(self.sigma_rels):
+        for k, sigma_rel in enumerate(averages.sigma_rels):
             done = (k, t) in self.written and not getattr(self.written[(k, t)], "failed", False)
             if done or averages.t_ema[k] != t:
                 continue
@@ -99,7 +95,7 @@ class SnapshotFiles:
                 shard = ShardRecord(plan.index, plan.files, shapes, offsets)
                 path = self._set_folder(sigma_rel, t) / rank_file_name(plan.index)
             metadata = tag(snapshot_metadata(
-                sigma_rel=sigma_rel, gamma=self.gammas[k], t=t, time_unit=self.time_unit,
+                sigma_rel=sigma_rel, gamma=averages.gammas[k], t=t, time_unit=self.time_unit,
                 updates=averages.updates[k], dtype=storage, shard=shard,
             ), frozen_id)
             jobs.append(self.writer.stage(path, names, tensors, dtypes, metadata, stable=stable))
