@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import SIGMA_RELS, reference_run
+from dist_worker import reference_run
 from shardsets import assert_same_snapshots, full_tensors
 
 from posthoc_cli import scan

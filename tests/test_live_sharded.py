@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from posthoc_cli import ModelChangedError, Recorder
+from posthoc_cli import Recorder
 
 
 @pytest.fixture

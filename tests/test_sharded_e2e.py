@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
-import torch
 from test_parallel import TIMEOUT, torchrun
 from test_sharded_synthesis import same_bits
 
