@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from posthoc_cli import beta_to_sigma_rel, load_synthesized, scan
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.format.atomic import AtomicWriter, write_file
 from posthoc_cli.format.container import load_tensors
 from posthoc_cli.format.keys import METADATA_KEY

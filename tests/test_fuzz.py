@@ -36,7 +36,7 @@ from posthoc_cli import (
     read_snapshot,
     scan,
 )
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.ema.profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
 from posthoc_cli.ema.solve import fit, solve_weights
 from posthoc_cli.format.atomic import write_file

@@ -16,7 +16,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from typer.testing import CliRunner
 
 import posthoc_cli
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.format.container import read_header
 from posthoc_cli.synth.outputs import parse_size, shard_layouts
 

@@ -33,7 +33,7 @@ from posthoc_cli import (
     read_snapshot,
     scan,
 )
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.ema.profiles import sigma_rel_to_gamma
 from posthoc_cli.format.atomic import write_file
 from posthoc_cli.format.snapshot import snapshot_metadata, snapshot_name

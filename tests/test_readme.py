@@ -11,7 +11,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

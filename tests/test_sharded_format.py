@@ -18,7 +18,7 @@ from shardsets import cut, grid, set_folder, split, write_set
 from typer.testing import CliRunner
 
 from posthoc_cli import CatalogueError, SnapshotFileError, plan, read_snapshot, scan
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.format.atomic import write_file
 from posthoc_cli.format.sharding import SHARDING_INFO_KEY, read_region, tiling_problem
 from posthoc_cli.format.snapshot_set import read_set

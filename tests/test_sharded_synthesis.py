@@ -20,7 +20,7 @@ from shardsets import Chunking, grid, set_folder, write_set
 from typer.testing import CliRunner
 
 import posthoc_cli
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.format.container import load_tensors
 from posthoc_cli.format.sharding import read_region
 from posthoc_cli.format.snapshot_set import read_snapshot

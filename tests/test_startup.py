@@ -32,7 +32,7 @@ from conftest import record_with_a_frozen_layer
 
 from posthoc_cli import Recorder, read_snapshot
 from posthoc_cli.cli.main import TENSOR_COMMANDS
-from posthoc_cli.cli.common import app
+from posthoc_cli.cli.main import app
 from posthoc_cli.dtypes import SAFETENSORS_DTYPES, torch_codes, torch_dtype, torch_dtypes, unit_roundoff
 from posthoc_cli.format.atomic import AtomicWriter
 

@@ -2,7 +2,7 @@
 
 Behind ``posthoc-ema plan``. A Recorder with ``snapshot_every=N`` writes every
 recorded sigma_rel at t = N, 2N, …; the rows here are those `inspect` prints
-for such a folder (the same functions of :mod:`.quality`), computed from the
+for such a folder (the same functions of :mod:`posthoc_cli.ema.quality`), computed from the
 schedule alone. numpy only: no torch, no files.
 """
 

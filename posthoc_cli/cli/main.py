@@ -20,7 +20,7 @@ from . import convert, demo, inspect, plan, synthesize  # noqa: F401, I001
 from .common import RUN, app, closed_pipe, say
 
 # Start-up: a command that touches no tensor data must not import torch (1.5-2 s), only Typer, Rich,
-# numpy and the torch-free modules (ema, format, analysis, and synth's planning). The commands that
+# numpy and the torch-free modules (ema, format, analysis, and synth's, which import torch when a synthesis starts). The commands that
 # read or write tensors are listed here and import torch inside their body (`from . import demo_run`
 # in `demo`; synth imports torch when a synthesis starts), never at the top of a command module. Keep a new command light by importing only torch-free modules at the top
 # of its module, or add it below if it needs tensors: tests/test_startup.py checks every command.

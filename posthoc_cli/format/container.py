@@ -1,4 +1,4 @@
-"""The safetensors container: validated headers, positioned reads, atomic streaming writes (:mod:`.atomic`).
+"""The safetensors container: validated headers and positioned reads (the atomic writer is :mod:`.atomic`).
 
 A safetensors file is an 8-byte little-endian header length ``n``, ``n`` bytes of
 JSON (padded with spaces), then the tensor bytes. We read and write it ourselves

@@ -270,7 +270,7 @@ class FrozenWeights:
         if self._in_use and self.file is not None:
             self._check(self.tensors)
             return
-        if self.set_id is not None:  # a sharded model: each rank writes its own chunks (frozen_set.py)
+        if self.set_id is not None:  # a sharded model: each rank writes its own chunks (layout: format/frozen_set.py)
             self.file = write_frozen_set(self.folder, self.tensors, self.state_dict, self.selection, self.set_id)
             self._in_use = True
             return

@@ -94,7 +94,7 @@ def plan(
     recorded sigma_rel has a snapshot, see :attr:`Catalogue.complete_t`).
 
     Targets are sigma_rels, spec strings (``"beta=0.9999"``, ``"diffusers:decay=0.999"``, …)
-    or :mod:`posthoc_cli.ema.trackers` objects, mixed freely. A target whose profile error
+    or :mod:`posthoc_cli.ema.targets` objects, mixed freely. A target whose profile error
     exceeds :data:`~posthoc_cli.ema.quality.POOR` is refused (:class:`PoorTargetError`, naming
     the lengths the snapshots do reproduce) unless ``allow_poor``.
 

@@ -31,6 +31,7 @@ from ..dtypes import ACCUMULATE, FLOAT_DTYPES, choose, storage_names
 from ..ema.targets import parse_targets
 from ..ema.trackers import Target
 from ..errors import InvalidValueError, ParallelError, arg
+from ..format.container import TensorEntry
 from ..format.keys import utc_now
 from .coordinator import Coordinator, OneProcess
 from .frozen import copy_frozen
@@ -129,11 +130,14 @@ def synthesize_iter(
         # A team's ranks write their parts in place (the last one goes on with the frozen weights, which follow).
         pieces = [PieceSink(files, part_offset(p, part[0], dtype)) for files in reserved] if part is not None else []
         sinks: Sequence[Sink] = pieces if split else writers
-        copies = frozen_part(p, trainable_only) if coordinator.rank == coordinator.size - 1 else []
-        extra = sum(e.nbytes for e in copies)
-        done = (0, extra)
+        copies: list[TensorEntry] = []
+        done = (0, 0)
         error: BaseException | None = None
         try:
+            if coordinator.rank == coordinator.size - 1:  # inside: a failure here is shared like any other
+                copies = frozen_part(p, trainable_only)
+            extra = sum(e.nbytes for e in copies)
+            done = (0, extra)
             steps = stream(
                 p, sinks, dtype=dtype, accumulate=accumulate, allow_nonfinite=allow_nonfinite,
                 trainable_only=trainable_only, part=part,
@@ -187,7 +191,7 @@ def synthesize(
 ) -> list[Path]:
     """Synthesize the EMA of each target at time ``t`` and write it as a safetensors file.
 
-    Targets: sigma_rels, spec strings or :mod:`posthoc_cli.ema.trackers` objects, mixed
+    Targets: sigma_rels, spec strings or :mod:`posthoc_cli.ema.targets` objects, mixed
     (``[0.15, "beta=0.9999", "window=1000"]``). One target: ``out`` is the file;
     several: ``out`` is a folder (default: the current folder, files named
     ``ema-s<sigma_rel>-t<t>.safetensors``, or ``ema-<spec>-t<t>.safetensors``). The
