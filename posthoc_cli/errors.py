@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 # An argument named in a message: both spellings between private-use characters, so that text
 # built from messages (a rank's error relayed to rank 0, a re-raised error) keeps them both.
@@ -35,6 +36,12 @@ def arg(name: str, value: object = _ANY) -> str:
     if value is _ANY:
         return spelled(f"{name}=…", flag)
     return spelled(f"{name}={value!r}", flag if value is True else f"{flag} {value}")
+
+
+def few(names: Sequence[str], limit: int = 3) -> str:
+    """``'a', 'b', 'c' and 4 more``: names for a one-line message."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def python_text(text: str) -> str:

@@ -33,6 +33,7 @@ from ..synth.synthesis import plan_outputs, synthesize_iter
 from .common import (
     RUN,
     Betas,
+    Folder,
     SigmaRels,
     Specs,
     app,
@@ -52,7 +53,7 @@ def synthesize(
     sigma_rel: SigmaRels = None,
     beta: Betas = None,
     ema: Specs = None,
-    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot folder written by the Recorder.")] = Path("ckpts"),
+    folder: Folder = Path("ckpts"),
     step: Annotated[
         int | None,
         typer.Option("--step", "-t", help="Target training time (default: the latest at which every sigma_rel has a snapshot)."),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CatalogueError, SnapshotFileError
+from ..errors import CatalogueError, SnapshotFileError, few
 from .frozen import FrozenFile
 from .frozen_set import FOLDER_NAME, FrozenRef, FrozenSet, scan_sets
 from .keys import SUFFIX
@@ -22,7 +22,6 @@ from .snapshot import (
     Skipped,
     Snapshot,
     StoredOnceFile,
-    few,
     snapshot_name,
 )
 from .snapshot_set import read_snapshot, scan_set

@@ -215,9 +215,3 @@ class Skipped:
 
     path: Path
     reason: str
-
-
-def few(names: list[str] | tuple[str, ...], limit: int = 3) -> str:
-    """``'a', 'b', 'c' and 4 more``: names for a one-line message."""
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import torch_codes
-from ..errors import FrozenWeightsError, OutputError, ResumeError, SnapshotFileError
+from ..errors import (
+    FrozenWeightsError,
+    OutputError,
+    ResumeError,
+    SnapshotFileError,
+    few,
+)
 from ..format.atomic import AtomicWriter
 from ..format.catalogue import Catalogue
 from ..format.container import read_header, read_tensor
@@ -43,7 +49,6 @@ from ..format.sharding import (
     read_region,
     saved_offsets_metadata,
 )
-from ..format.snapshot import few
 from . import dtensors
 from .selection import AS_IS, AVERAGED, STORED_ONCE, describe_difference
 

@@ -15,14 +15,14 @@ never stored once, and tied weights (one tensor under two names) share a role.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
 
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, few
 
 AVERAGED = "averaged"
 AS_IS = "as-is"
@@ -91,11 +91,6 @@ def role_of(tensor: torch.Tensor, kept: bool, average_frozen: bool) -> str:
     return AVERAGED
 
 
-def _few(names: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def select(state: Mapping[str, torch.Tensor], f: Filter) -> dict[str, str]:
     """The role of every name of ``state`` (names without wrapper prefixes, tensors from
     ``state_dict(keep_vars=True)``), in the model's order.
@@ -109,13 +104,13 @@ def select(state: Mapping[str, torch.Tensor], f: Filter) -> dict[str, str]:
             if not any(fnmatchcase(n, pattern) for n in names):
                 raise InvalidValueError(
                     f"{label} pattern {pattern!r} matches no tensor of the model",
-                    f"patterns are globs over state_dict() names without 'module.'/'_orig_mod.', e.g. {_few(names)}",
+                    f"patterns are globs over state_dict() names without 'module.'/'_orig_mod.', e.g. {few(names)}",
                 )
     roles = {n: role_of(t, f.selects(n), f.average_frozen) for n, t in state.items()}
     training = [n for n, t in state.items() if roles[n] == STORED_ONCE and t.requires_grad]
     if training:
         raise InvalidValueError(
-            f"{_few(training)} require grad but the patterns leave them out: stored once, they would keep their initial values",
+            f"{few(training)} require grad but the patterns leave them out: stored once, they would keep their initial values",
             "freeze them (requires_grad_(False)) before creating the Recorder, or change include=/exclude=",
         )
     by_tensor: dict[int, list[str]] = {}  # tied weights: one Parameter under several names
@@ -124,7 +119,7 @@ def select(state: Mapping[str, torch.Tensor], f: Filter) -> dict[str, str]:
     for tied in by_tensor.values():
         if len({roles[n] for n in tied}) > 1:
             raise InvalidValueError(
-                f"{_few(tied)} are one tied tensor, but the patterns select only some of these names",
+                f"{few(tied)} are one tied tensor, but the patterns select only some of these names",
                 "select all of them or none with include=/exclude=",
             )
     if AVERAGED not in roles.values():
