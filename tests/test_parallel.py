@@ -76,15 +76,6 @@ def test_outputs_are_identical_to_one_process(recorded, tmp_path, ranks):
     assert len(list((tmp_path / "many" / "ema-s0.150-t200").iterdir())) == 4  # 3 shards cut across the ranks' parts
 
 
-def test_the_readme_python_example_on_a_team_equals_one_process(recorded, tmp_path):
-    """plan_outputs + synthesize_iter with a Team coordinator (README, "Multi-GPU and multi-node")."""
-    posthoc_cli.synthesize(recorded, 0.15, out=tmp_path / "one", max_shard_size=300)
-    result = torchrun(2, recorded, tmp_path / "many", cwd=tmp_path, script=Path(__file__).with_name("team_worker.py"))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(tmp_path / "many")]  # rank 0 alone printed
-    same_tree(tmp_path / "one", tmp_path / "many")
-
-
 def test_a_sharded_recording_in_parallel_into_one_file(recorded, tmp_path):
     sharded = reshard(recorded, tmp_path / "sharded", [2, "c2", 3])
     one = posthoc_cli.synthesize(recorded, 0.12, out=tmp_path / "one.safetensors")[0]

@@ -73,13 +73,6 @@ class Team:
     def close(self) -> None:
         # Tearing down a group whose peer is gone waits on (or aborts in) gloo's C++: leave it to the exit.
         if self._owns_default and dist.is_initialized() and not self._broken:
-            # Every rank done with the last exchange before any tears its connections down: a rank that
-            # left first could cut a peer's last message short, and gloo aborts that peer at its exit.
-            try:
-                dist.barrier(group=self.group)
-            except Exception:  # a peer is gone already
-                self._broken = True
-                return
             dist.destroy_process_group()
             self._owns_default = False
 
