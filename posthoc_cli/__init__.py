@@ -25,11 +25,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
     from types import ModuleType
     from typing import Any
 
+    from .choice.sweep import SweepResult, sweep
     from .ema.classical import beta_to_sigma_rel, sigma_rel_to_beta
     from .ema.profiles import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
     from .ema.solve import solve_weights
     from .errors import (
         CatalogueError,
+        EvaluationError,
         FrozenWeightsError,
         InvalidValueError,
         ModelChangedError,
@@ -53,7 +55,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
 # import. Each public name is imported from its module on first use (PEP 562 module __getattr__),
 # with plain import statements: no string ever chooses what is imported.
 _ERRORS = frozenset(
-    {"CatalogueError", "FrozenWeightsError", "InvalidValueError", "ModelChangedError", "NonFiniteError", "OutputError",
+    {"CatalogueError", "EvaluationError", "FrozenWeightsError", "InvalidValueError", "ModelChangedError", "NonFiniteError", "OutputError",
      "ParallelError", "PoorTargetError", "PosthocError", "ResumeError",
      "SnapshotFileError", "WriterError"}
 )
@@ -75,6 +77,8 @@ def __getattr__(name: str) -> Any:
         from .synth import plan as home
     elif name in ("load_synthesized", "synthesize"):
         from .synth import synthesis as home
+    elif name in ("sweep", "SweepResult"):
+        from .choice import sweep as home
     elif name == "Recorder":
         from .record import recorder as home
     elif name == "read_snapshot":
@@ -95,6 +99,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "SIGMA_REL_MAX",
     "CatalogueError",
+    "EvaluationError",
     "FrozenWeightsError",
     "InvalidValueError",
     "ModelChangedError",
@@ -106,6 +111,7 @@ __all__ = [
     "Recorder",
     "ResumeError",
     "SnapshotFileError",
+    "SweepResult",
     "WriterError",
     "__version__",
     "beta_to_sigma_rel",
@@ -117,5 +123,6 @@ __all__ = [
     "sigma_rel_to_beta",
     "sigma_rel_to_gamma",
     "solve_weights",
+    "sweep",
     "synthesize",
 ]

@@ -121,3 +121,7 @@ class ParallelError(PosthocError):
 
 class ModelChangedError(PosthocError):
     """The model's tensors were replaced in a way the Recorder cannot follow (e.g. resharded after averaging began)."""
+
+
+class EvaluationError(PosthocError):
+    """No candidate of a sweep could be evaluated: every evaluation failed."""

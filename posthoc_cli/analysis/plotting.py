@@ -165,6 +165,49 @@ def draw_plan(report: dict[str, Any], out: str | os.PathLike[str]) -> Path:
     return _save(fig, plt, out)
 
 
+def check_plotting() -> None:
+    """Raise :class:`MissingExtraError` now if matplotlib is missing (before hours of work that ends in a plot)."""
+    _pyplot()
+
+
+def draw_sweep(
+    rows: Sequence[dict[str, Any]],
+    out: str | os.PathLike[str],
+    *,
+    recorded: Sequence[float],
+    bands: dict[int, tuple[float, float]],
+    best: dict[str, Any] | None,
+    maximize: bool = False,
+) -> Path:
+    """Draw a sweep's metric against sigma_rel (log x), one curve per synthesis time, with error bars
+    over repeats, the recorded sigma_rels and the faithful band marked and the best starred."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    steps = sorted({row["step"] for row in rows})
+    for step in steps:
+        ok = sorted((r for r in rows if r["step"] == step and r["metric"] is not None), key=lambda r: r["sigma_rel"])
+        ax.errorbar([r["sigma_rel"] for r in ok], [r["metric"] for r in ok], yerr=[r["std"] or 0.0 for r in ok],
+                    fmt="-o", ms=4, capsize=3, label=f"t = {step:,}" if len(steps) > 1 else "metric")
+        failed = [r for r in rows if r["step"] == step and r["metric"] is None]
+        for r in failed:
+            ax.axvline(r["sigma_rel"], color="tab:red", lw=0.8, ls=":", alpha=0.7)
+    for k, (lo, hi) in enumerate(sorted(set(bands.values()))):
+        ax.axvspan(lo, hi, color="tab:green", alpha=0.08, label="faithful band" if k == 0 else None)
+    for k, s in enumerate(recorded):
+        ax.axvline(s, color="tab:gray", ls="--", lw=1, label="recorded sigma_rel" if k == 0 else None)
+    if best is not None:
+        ax.scatter([best["sigma_rel"]], [best["metric"]], marker="*", s=260, color="tab:red", zorder=4,
+                   label=f"best: {best['target']} at t = {best['step']:,}")
+    ax.set_xscale("log")
+    ax.set_xlabel("sigma_rel (EMA width / training time)")
+    ax.set_ylabel(f"metric ({'higher' if maximize else 'lower'} is better)")
+    ax.set_title("Sweep: the metric of each synthesized EMA")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, out)
+
+
 def _save(fig: Any, plt: Any, out: str | os.PathLike[str]) -> Path:
     path = Path(out)
     temp = path.with_name(path.name + ".tmp")
@@ -177,4 +220,4 @@ def _save(fig: Any, plt: Any, out: str | os.PathLike[str]) -> Path:
     return path
 
 
-__all__ = ["PLOT_MAX_STEPS", "MissingExtraError", "draw", "draw_plan", "plot_series"]
+__all__ = ["PLOT_MAX_STEPS", "MissingExtraError", "check_plotting", "draw", "draw_plan", "draw_sweep", "plot_series"]

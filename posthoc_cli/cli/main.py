@@ -16,7 +16,7 @@ from .._version import __version__
 from ..errors import PosthocError, cli_text
 
 # Importing a command module registers its commands; `--help` lists them in this order.
-from . import convert, demo, inspect, plan, synthesize  # noqa: F401, I001
+from . import convert, demo, inspect, plan, synthesize, sweep  # noqa: F401, I001
 from .common import RUN, app, closed_pipe, say
 
 # Start-up: a command that touches no tensor data must not import torch (1.5-2 s), only Typer, Rich,
@@ -24,7 +24,7 @@ from .common import RUN, app, closed_pipe, say
 # read or write tensors are listed here and import torch inside their body (`from . import demo_run`
 # in `demo`; synth imports torch when a synthesis starts), never at the top of a command module. Keep a new command light by importing only torch-free modules at the top
 # of its module, or add it below if it needs tensors: tests/test_startup.py checks every command.
-TENSOR_COMMANDS = frozenset({"synthesize", "demo"})
+TENSOR_COMMANDS = frozenset({"synthesize", "demo", "sweep"})
 
 
 def _version(value: bool) -> None:
