@@ -37,10 +37,11 @@ def demo(
     """Train a small model on built-in data, record two EMAs, then pick the best EMA length afterwards.
 
     An MLP learns a noisy synthetic regression task with a high learning rate
-    while a Recorder keeps EMAs with sigma_rel 0.05 and 0.10. Then one pass of
-    synthesis makes a sweep of other lengths, and the validation loss of the raw
-    weights, of both recorded EMAs and of every synthesized one is printed, best
-    marked. Seeded, no downloads, a few seconds on a laptop CPU.
+    while a Recorder keeps EMAs with sigma_rel 0.05 and 0.10. Then a sweep (what
+    `posthoc-ema sweep` does with your own evaluation) synthesizes lengths across the
+    band the snapshots reproduce faithfully and homes in on the best; the validation
+    loss of the raw weights, of both recorded EMAs and of every synthesized one is
+    printed, best marked. Seeded, no downloads, a few seconds on a laptop CPU.
     """
     from . import demo_run  # torch: only this command trains a model
 
@@ -76,11 +77,13 @@ def _print_demo(result: demo_run.DemoResult, *, kept: bool) -> None:
     from . import demo_run
 
     console = stdout()
+    swept = [row for row in result.rows if row.label == "synthesized"]
+    searched = sum(row.searched for row in swept)
     console.print(
         f"Trained a {result.parameters:,}-parameter MLP for {result.steps:,} steps in {result.train_seconds:.1f} s, "
         f"recording EMAs with sigma_rel {' and '.join(map(str, demo_run.RECORDED))} "
-        f"({result.snapshots} snapshots); synthesized {len(result.rows) - 3} lengths in one pass in "
-        f"{result.synthesize_seconds:.2f} s."
+        f"({result.snapshots} snapshots); swept {len(swept)} lengths ({searched} placed by the search) "
+        f"in {result.sweep_seconds:.2f} s."
     )
     raw = result.rows[0].val_loss
     best = result.best
@@ -97,12 +100,14 @@ def _print_demo(result: demo_run.DemoResult, *, kept: bool) -> None:
             "<- best" if row is best else "",
         )
     console.print(table)
-    what = "the raw weights" if best.sigma_rel is None else f"the {best.label} EMA with sigma_rel {best.sigma_rel:g}"
+    kind = best.label.removesuffix(" EMA")  # "recorded" or "synthesized"
+    what = "the raw weights" if best.sigma_rel is None else f"the {kind} EMA with sigma_rel {best.sigma_rel:g}"
     console.print(f"\nBest: {what}, validation loss {best.val_loss:.4f} ({best.val_loss / raw - 1:+.1%} vs raw weights).")
     if kept:
         folder = escape(str(result.folder))
         console.print(
-            f"Snapshots kept in {folder} (synthesized files in {escape(str(result.synthesized_folder))}). Try:\n"
+            f"Snapshots kept in {folder} (the sweep's results in {escape(str(result.results))}). Try:\n"
             f"  posthoc-ema inspect {folder}\n"
-            f"  posthoc-ema synthesize {folder} --sigma-rel {best.sigma_rel or 0.15:g} --out ema.safetensors"
+            f"  posthoc-ema synthesize {folder} --sigma-rel {best.sigma_rel or 0.15:g} --out ema.safetensors\n"
+            f"  posthoc-ema sweep {folder} --eval 'python eval.py {{weights}}'   (your own evaluation)"
         )

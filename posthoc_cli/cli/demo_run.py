@@ -3,15 +3,15 @@
 A small MLP learns a fixed random "teacher" function from noisy samples with
 plain SGD at a high constant learning rate, so its raw weights keep bouncing
 around the optimum and averaging them clearly helps. A :class:`Recorder` tracks
-two power-function EMAs (sigma_rel 0.05 and 0.10) and writes snapshots; then one
-:func:`~posthoc_cli.synth.synthesis.synthesize_iter` pass produces a sweep of other
-lengths, and each one is evaluated on held-out data. Everything is built in
+two power-function EMAs (sigma_rel 0.05 and 0.10) and writes snapshots; then a
+:func:`~posthoc_cli.choice.sweep.sweep` evaluates, on held-out data, lengths across
+the band the snapshots reproduce faithfully and homes in on the best. Everything is built in
 (seeded, no downloads) and runs in seconds on two CPU cores. Nothing here prints:
 :func:`run_demo` returns a :class:`DemoResult` and the CLI renders it.
 
 >>> result = run_demo("demo-ckpts")  # doctest: +SKIP
 >>> result.best.label, result.best.sigma_rel  # doctest: +SKIP
-('synthesized', 0.15)
+('synthesized', 0.1669)
 """
 
 from __future__ import annotations
@@ -19,27 +19,25 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import nn
 
+from ..choice.results import SWEEPS_FOLDER
+from ..choice.sweep import sweep
+from ..ema.trackers import Target
 from ..errors import InvalidValueError, OutputError
 from ..record.recorder import Recorder
-from ..synth.output_plan import output_paths
-from ..synth.plan import plan
-from ..synth.synthesis import synthesize_iter
 
 RECORDED = (0.05, 0.10)
-SWEEP = (0.03, 0.05, 0.075, 0.10, 0.125, 0.15, 0.20, 0.25)
 STEPS = 6000
 SNAPSHOT_EVERY = 200
-SYNTHESIZED_FOLDER = "synthesized"  # inside the snapshot folder; scans skip sub-folders
+RESULTS = f"{SWEEPS_FOLDER}/demo.jsonl"  # inside the snapshot folder; scans skip sub-folders
 
-# progress(stage, done, total); stages: "train", "synthesize", "evaluate"
+# progress(stage, done, total); stages: "train", "evaluate"
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -51,7 +49,7 @@ class DemoRow:
     sigma_rel: float | None  # None for the raw weights
     val_loss: float
     profile_error: float | None = None  # synthesized rows only
-    path: Path | None = None  # where the weights are on disk, if they are
+    searched: bool = False  # placed by the sweep's search, after its grid
 
 
 @dataclass(frozen=True)
@@ -59,14 +57,14 @@ class DemoResult:
     """What the demo did and found."""
 
     folder: Path
-    synthesized_folder: Path
+    results: Path  # the sweep's results file
     steps: int
     snapshot_every: int
     snapshots: int
     parameters: int
     rows: list[DemoRow]
     train_seconds: float
-    synthesize_seconds: float
+    sweep_seconds: float
 
     @property
     def best(self) -> DemoRow:
@@ -140,17 +138,16 @@ def run_demo(
     *,
     steps: int = STEPS,
     snapshot_every: int = SNAPSHOT_EVERY,
-    sweep: Sequence[float] = SWEEP,
     seed: int = 0,
     lr: float = 0.1,
     batch_size: int = 8,
     threads: int = 1,
     progress: ProgressCallback | None = None,
 ) -> DemoResult:
-    """Train, record, synthesize a sweep of EMA lengths in one pass and evaluate each.
+    """Train, record, then sweep EMA lengths (synthesized in memory) by their validation loss.
 
     ``folder`` must be empty or absent; it receives the snapshots and, in its
-    ``synthesized`` sub-folder, one file per swept sigma_rel.
+    ``sweeps`` sub-folder, the sweep's results file.
     """
     root = Path(folder)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -187,28 +184,28 @@ def run_demo(
         train_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        p = plan(root, list(sweep), allow_poor=True)  # short runs: the table shows each profile error
-        paths = output_paths(p, root / SYNTHESIZED_FOLDER)
-        for done in synthesize_iter(p, paths):
-            report("synthesize", done.done, done.total)
-        synthesize_seconds = time.perf_counter() - start
 
-        for j, (sigma_rel, path) in enumerate(zip(sweep, paths)):
-            model.load_state_dict(safetensors.torch.load_file(path))
-            error = float(p.fit.profile_error[j])
-            rows.append(DemoRow("synthesized", sigma_rel, _val_loss(model, data), error, path))
-            report("evaluate", j + 1, len(paths))
+        def evaluate(state_dict: dict[str, torch.Tensor], target: Target) -> float:
+            model.load_state_dict(state_dict)
+            return _val_loss(model, data)
+
+        found = sweep(root, evaluate, results=root / RESULTS, progress=lambda done, total, _: report("evaluate", done, total))
+        sweep_seconds = time.perf_counter() - start
+        rows += [
+            DemoRow("synthesized", row.sigma_rel, row.metric, row.profile_error, row.refined)
+            for row in found.rows if row.metric is not None
+        ]
     return DemoResult(
         folder=root,
-        synthesized_folder=root / SYNTHESIZED_FOLDER,
+        results=root / RESULTS,
         steps=steps,
         snapshot_every=snapshot_every,
         snapshots=sum(1 for _ in root.glob("*.safetensors")),
         parameters=sum(w.numel() for w in model.parameters()),
         rows=rows,
         train_seconds=train_seconds,
-        synthesize_seconds=synthesize_seconds,
+        sweep_seconds=sweep_seconds,
     )
 
 
-__all__ = ["RECORDED", "STEPS", "SWEEP", "DemoResult", "DemoRow", "make_model", "run_demo"]
+__all__ = ["RECORDED", "STEPS", "DemoResult", "DemoRow", "make_model", "run_demo"]
