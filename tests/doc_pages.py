@@ -140,9 +140,11 @@ def walk(page: Path, folder: Path, *, setup=None, update: bool = False) -> tuple
             elif code:
                 problems.append(f"{page.name}: `{command}` exited {code}:\n{output}")
                 continue
-            if not matches(normalise("\n".join(shown)), normalise(output)):
+            same = matches(normalise("\n".join(shown)), normalise(output))
+            if not same:
                 problems.append(f"{page.name}: `{command}` printed\n{output}\ninstead of\n" + "\n".join(shown))
-            new_body += [f"$ {command}", *(shown if "..." in shown else [line.rstrip() for line in output.rstrip("\n").splitlines()])]
+            keep = same or "..." in shown  # an elided output is edited by hand
+            new_body += [f"$ {command}", *(shown if keep else [line.rstrip() for line in output.rstrip("\n").splitlines()])]
         replacements.append((match, "\n".join(new_body) + "\n"))
     if update:
         for match, new_body in reversed(replacements):
@@ -159,4 +161,4 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory() as tmp:
             prepare(Path(tmp))
             found, _ = walk(Path(name).resolve(), Path(tmp), update=True)
-            print(f"{name}: {len(found)} block(s) changed")
+            print(f"{name}: {len(found)} stale output(s) rewritten")
