@@ -214,20 +214,6 @@ def test_strided_shards_that_are_not_one_block_and_partial_placements_are_refuse
     assert not list((tmp_path / "ckpts").glob("ema-*"))
 
 
-def test_the_readme_fsdp2_script_runs_under_torchrun(tmp_path):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    (script,) = [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", readme, re.S | re.M) if body.startswith("# train_fsdp2.py")]
-    (tmp_path / "train_fsdp2.py").write_text(script)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "train_fsdp2.py"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-5000:]
-    catalogue = scan(tmp_path / "ckpts")
-    assert not catalogue.broken and not catalogue.incomplete
-    assert [(s.sigma_rel, s.t, len(s.files)) for s in catalogue.series[0.05]] == [(0.05, t, 2) for t in (50, 100, 150, 200)]
-    assert (tmp_path / "ckpts" / "ema-s0.050-t000000000050" / "rank-00001.safetensors").is_file()
-
-
 def test_fully_shard_after_the_recorder_is_followed(tmp_path, reference):
     """A Recorder made before fully_shard(model) starts over on the sharded parameters at its first update."""
     torchrun(2, "fsdp", tmp_path / "ckpts", 8, "--late")

@@ -75,7 +75,7 @@ Specs = Annotated[
     list[str] | None,
     typer.Option(
         "--ema", metavar="SPEC",
-        help="Target of any kind; repeatable. " + ACCEPTED.replace("[", "\\[") + ". See the README.",
+        help="Target of any kind; repeatable. " + ACCEPTED.replace("[", "\\[") + ". See 'Choosing the EMA' in the docs.",
     ),
 ]
 
