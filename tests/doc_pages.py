@@ -59,6 +59,8 @@ def transcript(body: str) -> list[tuple[str, list[str]]]:
 def normalise(text: str) -> list[str]:
     """Lines without trailing blanks or timings (the only parts of an output that vary between runs)."""
     text = re.sub(r"\bin \d+(\.\d+)? s\b", "in <time> s", text)
+    # A table's column of durations (sweep's "seconds"): the same width, so the columns stay aligned.
+    text = re.sub(r"(?<![\w.])\d+\.\d s\b", lambda m: "<t> s".rjust(len(m[0])), text)
     return [line.rstrip() for line in text.strip("\n").splitlines()]
 
 
@@ -94,7 +96,9 @@ def run(command: str, cwd: Path) -> tuple[str, int]:
         here = Path.cwd()
         os.chdir(cwd)
         try:
-            result = CliRunner().invoke(app, words[1:], prog_name="posthoc-ema")
+            # As in the reader's activated environment: `python` in a sweep's --eval is this interpreter.
+            path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+            result = CliRunner().invoke(app, words[1:], prog_name="posthoc-ema", env={"PATH": path})
         finally:
             os.chdir(here)
         return result.output, result.exit_code

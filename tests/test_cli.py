@@ -400,7 +400,9 @@ def test_inspect_tables(recorded):
     row = next(line for line in out.splitlines() if line.split()[:2] == ["0.05", "16.97"]).split()
     assert row[2:8] == ["10", "20..200", "20", "float32", "9", "259"]  # 259 averaged numbers in 9 tensors
     assert "Synthesizable at t=200 (faithful: profile error < 0.01)" in out
-    grid = {line.split()[0]: line for line in out.split("Synthesizable")[1].splitlines()[3:] if line.strip()}
+    grid_text, next_step = out.split("Synthesizable")[1].split("\nNext: ")
+    grid = {line.split()[0]: line for line in grid_text.splitlines()[3:] if line.strip()}
+    assert next_step.startswith("find the best") and "posthoc-ema sweep" in next_step  # inspect suggests sweep
     assert len(grid) == 28  # 0.01 .. 0.28, the recorded 0.05 and 0.1 among them
     assert grid["0.1"].split()[2:] == ["0", "1", "faithful", "(recorded)"]
     assert grid["0.01"].split()[-1] == "poor" and "Problems" not in out

@@ -122,4 +122,10 @@ def _print_inspect(report: dict[str, Any]) -> None:
     if report.get("targets"):
         console.print()
         console.print(targets_table(report["targets"], f"Asked-for targets at t={report['t']}"))
+    if any(row["faithful"] for row in report["grid"]) and not report["broken"]:
+        folder = escape(report["folder"])
+        console.print(
+            f"\nNext: find the best of the faithful lengths by your own metric:  "
+            f"posthoc-ema sweep {folder} --eval 'python eval.py {{weights}}'"
+        )
 

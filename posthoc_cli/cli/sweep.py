@@ -199,7 +199,7 @@ def _print(result: SweepResult, folder: Path, written: Path | None, by_time: boo
         cells = [str(row.step)] if by_time else []
         cells += [
             f"{row.sigma_rel:g}" if power else escape(row.target), metric, fmt(row.profile_error, 2),
-            f"{row.sum_abs_weights:.3g}", row.status + (" (search)" if row.refined else ""), f"{row.seconds:.1f}",
+            f"{row.sum_abs_weights:.3g}", row.status + (" (search)" if row.refined else ""), f"{row.seconds:.1f} s",
             "<- best" if row is best else "",
         ]
         table.add_row(*cells)

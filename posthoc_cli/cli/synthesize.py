@@ -47,7 +47,10 @@ from .common import (
 
 
 @app.command(
-    epilog="Example:  posthoc-ema synthesize ckpts --sigma-rel 0.15 --out ema.safetensors",
+    epilog=(
+        "Example:  posthoc-ema synthesize ckpts --sigma-rel 0.15 --out ema.safetensors\n\n"
+        "To pick the length by your own metric:  posthoc-ema sweep ckpts --eval 'python eval.py {weights}'"
+    ),
 )
 def synthesize(
     sigma_rel: SigmaRels = None,
@@ -103,6 +106,7 @@ def synthesize(
     A target with a profile error above 0.05 is refused (the error says which lengths
     the snapshots reproduce) unless --allow-poor.
     An existing output is kept unless --force is given; a failed run leaves no output.
+    To choose the length by your own metric, `posthoc-ema sweep` synthesizes and evaluates candidates for you.
     """
     with user_errors("interrupted — no output was written"), contextlib.ExitStack() as stack:
         coordinator = _join_team()  # under torchrun: the ranks split the work; rank 0 alone prints
