@@ -17,7 +17,7 @@ from rich.markup import escape
 from ..analysis.pruning import PrunePlan, plan_prune
 from ..errors import InvalidValueError
 from ..format.catalogue import no_snapshots, scan
-from ..format.removal import finish_removals, remove_snapshots
+from ..format.removal import finish_removals, remove_snapshots, write_pruned_note
 from .common import Folder, app, print_json, stdout, user_errors
 
 
@@ -62,6 +62,9 @@ def prune(
         if yes:
             finish_removals(root)
             remove_snapshots([s.path for s in plan.removed])
+            if plan.removed:
+                write_pruned_note(root, {"band": list(plan.band), "max_error": plan.max_error, "times": plan.times,
+                                         "removed": len(plan.removed)})
         if as_json:
             print_json(_document(plan, removed=yes))
         else:

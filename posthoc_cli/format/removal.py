@@ -13,11 +13,14 @@ under that prefix is ours alone and :func:`finish_removals` deletes it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 REMOVING_PREFIX = ".removing-"
+PRUNED_NOTE = ".pruned.json"  # what `prune --yes` did last: {"band", "max_error", "times", "removed"}; scans skip it
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -67,4 +70,27 @@ def finish_removals(folder: Path) -> list[Path]:
     return left
 
 
-__all__ = ["REMOVING_PREFIX", "finish_removals", "remove_snapshots"]
+def write_pruned_note(folder: Path, note: dict[str, Any]) -> None:
+    """Record that ``folder`` was pruned (read back by :func:`thinned_by`), written atomically."""
+    tmp = folder / (PRUNED_NOTE + ".tmp")
+    tmp.write_text(json.dumps(note), encoding="utf-8")
+    os.replace(tmp, folder / PRUNED_NOTE)
+
+
+def thinned_by(folder: Path, latest_record: dict[str, Any]) -> dict[str, Any] | None:
+    """How a folder was kept small: the Recorder's ``thinning`` record (``recorder``), the last ``prune``'s note
+    (``prune``), both, or None."""
+    found: dict[str, Any] = {}
+    record = latest_record.get("thinning")
+    if isinstance(record, dict) and isinstance(record.get("max_snapshots"), int) and isinstance(record.get("keep_faithful"), list):
+        found["recorder"] = {"max_snapshots": record["max_snapshots"], "keep_faithful": record["keep_faithful"]}
+    try:
+        note = json.loads((folder / PRUNED_NOTE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        note = None
+    if isinstance(note, dict) and isinstance(note.get("band"), list) and isinstance(note.get("max_error"), (int, float)):
+        found["prune"] = {k: note[k] for k in ("band", "max_error", "times", "removed") if k in note}
+    return found or None
+
+
+__all__ = ["PRUNED_NOTE", "REMOVING_PREFIX", "finish_removals", "remove_snapshots", "thinned_by", "write_pruned_note"]

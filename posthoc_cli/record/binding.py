@@ -197,13 +197,18 @@ class Binding:
         frozen = self.frozen.tensors
         return {n: recorded[n] if n in recorded else frozen[n].detach() for n in self.roles}
 
+    def copy_in(self, ema: list[torch.Tensor]) -> None:
+        """``ema``'s values into the model's tensors, for good (Switch EMA)."""
+        with torch.no_grad():
+            for source, average in zip(self.sources, ema):
+                source.copy_(average)
+
     @contextlib.contextmanager
     def swapped_in(self, ema: list[torch.Tensor]) -> Iterator[None]:
         """``ema``'s values in the model's tensors; the training values come back after."""
         with torch.no_grad():
             backup = [s.clone() for s in self.sources]
-            for source, average in zip(self.sources, ema):
-                source.copy_(average)
+        self.copy_in(ema)
         try:
             yield
         finally:
