@@ -26,4 +26,16 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-__all__ = ["FORMAT_VERSION", "KINDS", "METADATA_KEY", "SUFFIX", "library_info", "utc_now"]
+# Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
+# Snapshot tensors are named without them (docs/design.md §2).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrappers(name: str) -> str:
+    """``_orig_mod.module.fc.weight`` → ``fc.weight``."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+__all__ = ["FORMAT_VERSION", "KINDS", "METADATA_KEY", "SUFFIX", "WRAPPER_PREFIXES", "library_info", "strip_wrappers", "utc_now"]

@@ -23,21 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import InvalidValueError
+from ..format.keys import WRAPPER_PREFIXES, strip_wrappers
 from . import dtensors, ranks
 from .frozen import FrozenWeights
 from .live import Watch
 from .selection import AVERAGED, STORED_ONCE, Filter, select
-
-# Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_wrappers(name: str) -> str:
-    """``_orig_mod.module.fc.weight`` → ``fc.weight``."""
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
-
 
 def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
     """Identifies the memory a tensor covers, so tied weights (one tensor, two names) share one EMA."""
