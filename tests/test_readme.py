@@ -52,7 +52,7 @@ def _commands() -> dict[str, list[str]]:
 
 def test_every_command_and_option_is_documented():
     commands = _commands()
-    assert set(commands) == {"synthesize", "inspect", "beta-to-sigma", "sigma-to-beta", "demo", "plan", "plot"}
+    assert set(commands) == {"synthesize", "inspect", "beta-to-sigma", "sigma-to-beta", "demo", "plan", "plot", "prune"}
     for name, options in commands.items():
         assert f"posthoc-ema {name}" in README, f"command {name} is not in the README"
         for option in options:

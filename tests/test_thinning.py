@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -121,3 +122,51 @@ def test_copy_to_model_switches_the_weights_and_the_emas_go_on(tmp_path):
         for s in (0.05, 0.10):  # the next update folds the switched weights into EMAs that kept their history
             got, want = rec.ema_state_dict(s), ref.ema_state_dict(s)
             assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_the_readme_switch_ema_callback_for_lightning_runs(tmp_path, monkeypatch):
+    """The README's Lightning fragment (Keep the disk bounded), fitted on a tiny regressor: after fit the
+    module holds the EMA of sigma_rel 0.05 it was switched to at the last epoch end."""
+    L = pytest.importorskip("lightning.pytorch")
+    from posthoc_cli.integrations.lightning import PosthocEMA
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Keep the disk bounded\n", 1)[1].split("\n## ", 1)[0]
+    (fragment,) = re.findall(r"^```py\n(.*?)^```", section, re.S | re.M)
+
+    class Regressor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    monkeypatch.chdir(tmp_path)
+    namespace = {"L": L, "PosthocEMA": PosthocEMA}
+    exec(compile(fragment, "README.md", "exec"), namespace)
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    module = Regressor()
+    namespace["trainer"].fit(module, data)  # type: ignore[attr-defined]
+    ema = namespace["ema"].recorder.ema_state_dict(0.05)  # type: ignore[attr-defined]
+    assert all(torch.equal(module.state_dict()[n], ema[n]) for n in ema)
+    assert scan(tmp_path / "ckpts").latest_t == 40
+
+
+def test_plan_with_max_snapshots_predicts_the_thinned_folder(tmp_path):
+    folder = run(tmp_path / "ckpts", 100, max_snapshots=20, keep_faithful=BAND)
+    args = ["plan", "--steps", "100", "--snapshot-every", "1", "--record", "0.05", "--record", "0.10",
+            "--max-snapshots", "20", "--keep-faithful", "0.03..0.20", "--params", "1000", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    planned = json.loads(result.output)
+    assert (planned["snapshots"], planned["on_disk"], planned["disk_bytes"]) == (200, 40, 40 * 1000 * 4)
+    inspected = json.loads(CliRunner().invoke(app, ["inspect", str(folder), "--json"]).output)
+    assert planned["grid"] == inspected["grid"]  # the same snapshots kept: the same table
+    text = CliRunner().invoke(app, args[:-1]).output
+    assert "200 snapshots, 40 kept on disk (--max-snapshots 20), 160.0 kB of tensors (float32)" in text

@@ -141,6 +141,27 @@ def drop_one(t_in: Sequence[float], sigma_rel_in: Sequence[float], removable: Se
     return best, best_error
 
 
+def thin_schedule(t_in: Sequence[int], sigma_rel_in: Sequence[float], max_snapshots: int,
+                  band: Sequence[float]) -> tuple[list[int], list[float]]:
+    """The snapshots a Recorder with ``max_snapshots`` keeps of a schedule (written in order of t):
+    after each snapshot time, each series above the limit loses :func:`drop_one`'s choice, never its newest."""
+    by_time: dict[int, list[float]] = {}
+    for t, s in zip(t_in, sigma_rel_in):
+        by_time.setdefault(int(t), []).append(float(s))
+    kept_t: list[int] = []
+    kept_s: list[float] = []
+    for t in sorted(by_time):
+        kept_t += [t] * len(by_time[t])
+        kept_s += by_time[t]
+        for series in sorted(set(kept_s)):
+            while kept_s.count(series) > max_snapshots:
+                newest = max(u for u, x in zip(kept_t, kept_s) if x == series)
+                removable = [x == series and u != newest for u, x in zip(kept_t, kept_s)]
+                j, _ = drop_one(kept_t, kept_s, removable, band, [t])
+                del kept_t[j], kept_s[j]
+    return kept_t, kept_s
+
+
 def prune(t_in: Sequence[float], sigma_rel_in: Sequence[float], removable: Sequence[bool], band: Sequence[float],
           times: Sequence[int], max_error: float) -> Pruned:
     """Remove removable inputs greedily, least harmful first, while the band's worst error at ``times`` stays ≤ ``max_error``.
@@ -191,4 +212,4 @@ def prune(t_in: Sequence[float], sigma_rel_in: Sequence[float], removable: Seque
     return Pruned(removed, worst)
 
 
-__all__ = ["BAND_STEP", "Pruned", "achievable", "band_sigma_rels", "check_band", "drop_one", "errors", "prune", "worst_error"]
+__all__ = ["BAND_STEP", "Pruned", "achievable", "band_sigma_rels", "check_band", "drop_one", "errors", "prune", "thin_schedule", "worst_error"]

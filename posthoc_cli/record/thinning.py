@@ -61,7 +61,9 @@ class Thinning:
 
     def _drop(self, sigma_rel: float, now: int) -> bool:
         """Remove one snapshot of the series (False when none can go now)."""
-        entries = [(s, t, p) for s, group in self.on_disk.items() for t, p in group.items() if t <= now]
+        # In (t, sigma_rel) order, as `plan --max-snapshots` simulates it: the same inputs, the same choice.
+        entries = sorted(((s, t, p) for s, group in self.on_disk.items() for t, p in group.items() if t <= now),
+                         key=lambda e: (e[1], e[0]))
         newest = max(self.on_disk[sigma_rel])
         blocked: set[int] = set()
         while True:
