@@ -11,12 +11,19 @@ import math
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from posthoc_cli import InvalidValueError, Recorder, load_synthesized, read_snapshot, scan
+from posthoc_cli import (
+    InvalidValueError,
+    Recorder,
+    load_synthesized,
+    read_snapshot,
+    scan,
+)
 from posthoc_cli.cli.main import app
 from posthoc_cli.ema.thinning import band_sigma_rels, errors
 from posthoc_cli.format.container import load_tensors
@@ -32,7 +39,7 @@ def weights_at(model: torch.nn.Module, step: int) -> None:
             p.copy_(math.sin(step / 30 + i) + 0.1 * torch.randn(p.shape, generator=g))
 
 
-def run(folder: Path, steps: int = 200, **options: object) -> Path:
+def run(folder: Path, steps: int = 200, **options: Any) -> Path:
     """Record steps rec.t+1..steps with a snapshot at every step: 200 per series by default."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -95,7 +102,7 @@ def test_inspect_shows_the_thinning_and_no_holes(tmp_path):
 def test_bad_thinning_options_are_refused(tmp_path, option, value):
     options = {"max_snapshots": 10, "keep_faithful": BAND, option: value}
     with pytest.raises(InvalidValueError, match=option if option == "max_snapshots" else "band|sigma_rel"):
-        Recorder(torch.nn.Linear(2, 2), tmp_path / "ckpts", **options)  # type: ignore[arg-type]
+        Recorder(torch.nn.Linear(2, 2), tmp_path / "ckpts", **options)
 
 
 def test_copy_to_model_switches_the_weights_and_the_emas_go_on(tmp_path):
@@ -139,10 +146,10 @@ def test_the_readme_switch_ema_callback_for_lightning_runs(tmp_path, monkeypatch
             super().__init__()
             self.net = torch.nn.Linear(4, 1)
 
-        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        def training_step(self, batch, batch_idx):
             return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
 
-        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
     monkeypatch.chdir(tmp_path)
@@ -152,8 +159,8 @@ def test_the_readme_switch_ema_callback_for_lightning_runs(tmp_path, monkeypatch
     x = torch.randn(64, 4)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
     module = Regressor()
-    namespace["trainer"].fit(module, data)  # type: ignore[attr-defined]
-    ema = namespace["ema"].recorder.ema_state_dict(0.05)  # type: ignore[attr-defined]
+    namespace["trainer"].fit(module, data)
+    ema = namespace["ema"].recorder.ema_state_dict(0.05)
     assert all(torch.equal(module.state_dict()[n], ema[n]) for n in ema)
     assert scan(tmp_path / "ckpts").latest_t == 40
 

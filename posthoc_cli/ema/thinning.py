@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..errors import InvalidValueError
 from .profiles import check_sigma_rel, profile_dot, profile_norm_sq, sigma_rel_to_gamma
@@ -53,9 +54,9 @@ def band_sigma_rels(band: Sequence[float]) -> np.ndarray:
     return np.unique(np.linspace(lo, hi, count))
 
 
-def errors(t_in: Sequence[float], sigma_rel_in: Sequence[float], sigma_rels: np.ndarray, times: Sequence[int]) -> np.ndarray:
+def errors(t_in: ArrayLike, sigma_rel_in: ArrayLike, sigma_rels: np.ndarray, times: Sequence[int]) -> np.ndarray:
     """Profile error of each of ``sigma_rels`` at each of ``times``, as ``inspect`` computes it.  # => [times, sigma_rels]"""
-    return np.array([fit(list(t_in), list(sigma_rel_in), [t] * len(sigma_rels), sigma_rels).profile_error for t in times])
+    return np.array([fit(t_in, sigma_rel_in, [t] * len(sigma_rels), sigma_rels).profile_error for t in times])
 
 
 def worst_error(t_in: Sequence[float], sigma_rel_in: Sequence[float], band: Sequence[float], times: Sequence[int]) -> float:

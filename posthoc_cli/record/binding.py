@@ -29,6 +29,7 @@ from .frozen import FrozenWeights
 from .live import Watch
 from .selection import AVERAGED, STORED_ONCE, Filter, select
 
+
 def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
     """Identifies the memory a tensor covers, so tied weights (one tensor, two names) share one EMA."""
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
