@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names belo
     from .format.snapshot_set import read_snapshot
     from .record.recorder import Recorder
     from .synth.plan import plan
+    from .synth.swap import swapped
     from .synth.synthesis import load_synthesized, synthesize
 
 # Nothing is imported with the package itself: the `posthoc-ema` entry point imports this package
@@ -77,6 +78,8 @@ def __getattr__(name: str) -> Any:
         from .synth import plan as home
     elif name in ("load_synthesized", "synthesize"):
         from .synth import synthesis as home
+    elif name == "swapped":
+        from .synth import swap as home
     elif name in ("sweep", "SweepResult"):
         from .choice import sweep as home
     elif name == "Recorder":
@@ -123,6 +126,7 @@ __all__ = [
     "sigma_rel_to_beta",
     "sigma_rel_to_gamma",
     "solve_weights",
+    "swapped",
     "sweep",
     "synthesize",
 ]

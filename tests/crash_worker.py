@@ -16,6 +16,8 @@ Ways to die, on top of either command:
   atomic writer (before each fsync, link, unlink or rename, and halfway through a
   tensor's bytes), so every stage of a write is hit deterministically;
 - ``kill_after=S``: the server SIGKILLs the child S seconds after forking it;
+- ``kill_in="removal"``: ``kill_event`` counts only the crash points inside the Recorder's
+  removals of snapshots (``max_snapshots``);
 - ``fsize_limit=B``: ``RLIMIT_FSIZE`` is B bytes (SIGXFSZ ignored), so writes fail
   with EFBIG like on a full disk;
 - ``full_disk=true``: the atomic writer's temp files write to ``/dev/full`` (ENOSPC).
@@ -80,6 +82,7 @@ def record(
     update_every: int = 1,
     snapshot_dtype: str = "float32",
     async_write: bool = True,
+    max_snapshots: int | None = None,
 ) -> int:
     """Record (or resume recording) the trajectory up to ``steps``; returns the time it resumed from."""
     from posthoc_cli import Recorder
@@ -93,6 +96,7 @@ def record(
         update_every=update_every,
         snapshot_dtype=getattr(torch, snapshot_dtype),
         async_write=async_write,
+        max_snapshots=max_snapshots,
     ) as rec:
         start = rec.t
         for t in range(start + 1, steps + 1):
@@ -106,12 +110,28 @@ def record(
 _events = 0
 
 
-def _install_crash_points(kill_event: int | None) -> None:
-    """Count (and at ``kill_event``, die at) every stage of an atomic write."""
+def _install_crash_points(kill_event: int | None, removals_only: bool = False) -> None:
+    """Count (and at ``kill_event``, die at) every stage of an atomic write; with ``removals_only``, only the
+    stages of the Recorder's removals (rename aside, folder fsync, delete: :mod:`posthoc_cli.format.removal`)."""
     from posthoc_cli.format import atomic, container
+    from posthoc_cli.record import thinning
+
+    removing = [False]
+    remove = thinning.remove_snapshots
+
+    def counted_removal(paths):  # type: ignore[no-untyped-def]
+        removing[0] = True
+        try:
+            return remove(paths)
+        finally:
+            removing[0] = False
+
+    thinning.remove_snapshots = counted_removal  # type: ignore[assignment]
 
     def hit() -> bool:
         global _events
+        if removals_only and not removing[0]:
+            return False
         due = _events == kill_event
         _events += 1
         return due
@@ -166,7 +186,7 @@ def _child(command: dict) -> int:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     if command.get("full_disk"):
         _fill_disk()
-    _install_crash_points(command.get("kill_event"))
+    _install_crash_points(command.get("kill_event"), command.get("kill_in") == "removal")
     error, code = None, 0
     if command["cmd"] == "record":
         from posthoc_cli import PosthocError
@@ -178,6 +198,7 @@ def _child(command: dict) -> int:
                 snapshot_every=command["snapshot_every"],
                 update_every=command.get("update_every", 1),
                 snapshot_dtype=command.get("snapshot_dtype", "float32"),
+                max_snapshots=command.get("max_snapshots"),
             )
         except PosthocError as e:
             error = f"{type(e).__name__}: {e}"

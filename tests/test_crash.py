@@ -188,6 +188,31 @@ def test_sigkill_while_recording_then_resume(server, reference, tmp_path):
     assert time.monotonic() - started < 120
 
 
+def test_sigkill_while_thinning_leaves_a_folder_that_synthesizes_and_resumes(server, reference, tmp_path):
+    """max_snapshots=8 of 30 per series: killed at each stage of a removal (rename aside, folder fsync, delete),
+    early and late. What is left synthesizes; the resumed run ends with 8 per series, each file the reference's bits."""
+    thinning = {**RECORDING, "max_snapshots": 8}  # 44 removals of 3 crash points each
+    for trial, event in enumerate((0, 1, 2, 40, 82, 130)):
+        folder = tmp_path / f"trial{trial}" / "ckpts"
+        folder.parent.mkdir()
+        answer = server(cmd="record", dir=str(folder), kill_event=event, kill_in="removal",
+                        stderr=str(folder.parent / "stderr.txt"), **thinning)
+        assert answer["ended"] == "killed", (folder.parent / "stderr.txt").read_text()
+        for stage in ("killed", "resumed"):
+            catalogue = scan(folder)
+            assert not catalogue.broken and not catalogue.incomplete
+            for snap in catalogue.snapshots:
+                info, tensors = reference.files[snap.path.name]
+                assert {k: v for k, v in snap.info.items() if k not in ("created", "thinning")} == info
+                got = load_tensors(snap.header)
+                assert all(torch.equal(got[n], tensors[n]) for n in tensors), snap.path.name
+            load_synthesized(folder, 0.07, allow_poor=True)
+            if stage == "killed":
+                record(str(folder), **thinning)  # resume in this process, to the end
+        assert {s: len(g) for s, g in catalogue.series.items()} == {0.05: 8, 0.10: 8}
+        assert catalogue.latest_t == STEPS and not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
 def test_disk_full_while_recording(server, reference, tmp_path):
     """A write that fails (EFBIG from RLIMIT_FSIZE, ENOSPC from /dev/full) raises OutputError and leaves nothing."""
     size = min(p.stat().st_size for p in reference.folder.iterdir())

@@ -106,9 +106,12 @@ LIGHT_RUNS: list[tuple[list[str], int]] = [
     (["plan", "--steps", "100000", "--snapshot-every", "1000", "--record", "0.05", "--record", "0.1", "--json"], 0),
     (["plan", "--steps", "1000", "--snapshot-every", "10", "--record", "0.05", "--ema", "bogus=1"], 2),
     (["plot", "{ckpts}", "-s", "0.15", "--out", "plot.png"], 0),
+    (["prune", "{ckpts}", "--band", "0.05..0.10", "--max-error", "0.05"], 0),
+    (["prune", "{ckpts}", "--band", "0.01..0.28", "--max-error", "0.001", "--yes"], 1),
+    (["plan", "--steps", "1000", "--snapshot-every", "50", "--record", "0.05", "--record", "0.1", "--max-snapshots", "10"], 0),
     *[
         ([command, "--help"], 0)
-        for command in ("synthesize", "inspect", "beta-to-sigma", "sigma-to-beta", "demo", "plan", "plot")
+        for command in ("synthesize", "inspect", "beta-to-sigma", "sigma-to-beta", "demo", "plan", "plot", "prune")
     ],
 ]
 

@@ -19,6 +19,7 @@ from ..dtypes import FLOAT_DTYPES, SAFETENSORS_DTYPES, choose, unit_roundoff
 from ..ema.profiles import check_sigma_rel
 from ..ema.quality import FAITHFUL, grid, target_rows
 from ..ema.targets import fit_targets, parse_targets
+from ..ema.thinning import thin_schedule
 from ..ema.trackers import Power, Target
 from ..errors import InvalidValueError
 
@@ -64,8 +65,13 @@ def plan_report(
     targets: Sequence[str | float | Target] = (),
     params: int | None = None,
     dtype: str = "float32",
+    max_snapshots: int | None = None,
+    keep_faithful: tuple[float, float] = (0.03, 0.20),
 ) -> dict[str, Any]:
     """What a recording will reproduce (the `inspect` grid and target rows) and its disk cost.
+
+    With ``max_snapshots``, of the folder a Recorder thinning to that many per sigma_rel
+    leaves at the end (the same choices, :func:`posthoc_cli.ema.thinning.thin_schedule`).
 
     >>> r = plan_report(steps=100_000, snapshot_every=5_000, record=[0.05, 0.10], targets=["beta=0.9999"])
     >>> r["latest_t"], r["snapshots"], r["targets"][0]["faithful"]
@@ -75,13 +81,21 @@ def plan_report(
     t_in, s_in, t = schedule_inputs(steps, snapshot_every, record)
     if params is not None and (isinstance(params, bool) or params < 1):
         raise InvalidValueError(f"--params {params!r} is invalid", "give the number of averaged parameters, e.g. 125000000")
+    written = len(t_in)
+    if max_snapshots is not None:
+        if isinstance(max_snapshots, bool) or max_snapshots < 2:
+            raise InvalidValueError(f"--max-snapshots {max_snapshots!r} is invalid", "use a whole number ≥ 2, e.g. 40")
+        t_in, s_in = thin_schedule(t_in, s_in, max_snapshots, keep_faithful)
     files = len(t_in)
     return {
         "steps": steps,
         "snapshot_every": snapshot_every,
         "record": sorted(set(float(s) for s in s_in)),
         "latest_t": t,
-        "snapshots": files,
+        "snapshots": written,
+        "max_snapshots": max_snapshots,
+        "keep_faithful": list(keep_faithful) if max_snapshots is not None else None,
+        "on_disk": files,  # snapshots in the folder at the end (= snapshots unless thinned)
         "dtype": dtype,
         "params": params,
         # tensor bytes only; each file adds a header of a few kB (tensor names and metadata)
@@ -92,17 +106,17 @@ def plan_report(
     }
 
 
-def parse_range(text: str) -> tuple[float, float]:
+def parse_range(text: str, option: str = "--want") -> tuple[float, float]:
     """``"0.03..0.25"`` → (0.03, 0.25), both valid sigma_rels."""
     lo, sep, hi = text.partition("..")
     try:
         a, b = (float(lo), float(hi)) if sep else (float(text), float(text))
     except ValueError:
-        raise InvalidValueError(f"--want {text!r} is not a range", "write LO..HI, e.g. --want 0.03..0.25") from None
+        raise InvalidValueError(f"{option} {text!r} is not a range", f"write LO..HI, e.g. {option} 0.03..0.25") from None
     for x in (a, b):
         check_sigma_rel(x)
     if a > b:
-        raise InvalidValueError(f"--want {text!r} is empty (low end above high end)", "write LO..HI with LO ≤ HI")
+        raise InvalidValueError(f"{option} {text!r} is empty (low end above high end)", "write LO..HI with LO ≤ HI")
     return a, b
 
 

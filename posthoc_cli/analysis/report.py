@@ -19,6 +19,7 @@ from ..ema.quality import (  # FAITHFUL, POOR: also imported from here
 from ..ema.trackers import Target
 from ..format.catalogue import Catalogue, layout_problems
 from ..format.frozen import WHERE
+from ..format.removal import thinned_by
 from ..format.snapshot import Snapshot
 
 
@@ -29,9 +30,11 @@ def _spacing(ts: list[int]) -> str:
     return str(gaps[0]) if len(gaps) == 1 else f"{gaps[0]}..{gaps[-1]}"
 
 
-def _schedule_problems(catalogue: Catalogue) -> list[str]:
-    """Holes in a series' time schedule, and times that one series has and another lacks."""
-    problems = []
+def _schedule_problems(catalogue: Catalogue, thinned: bool) -> list[str]:
+    """Holes in a series' time schedule, and times that one series has and another lacks (a thinned folder has them on purpose)."""
+    problems: list[str] = []
+    if thinned:
+        return problems
     every = sorted({s.t for s in catalogue.snapshots})
     for sigma_rel, snaps in catalogue.series.items():
         ts = [s.t for s in snaps]
@@ -121,7 +124,8 @@ def inspect_report(catalogue: Catalogue, targets: Sequence[str | float | Target]
     target (key ``targets``), as one JSON-ready dict."""
     snaps = catalogue.snapshots
     problems = [f"{s.path}: {s.reason}" for s in catalogue.broken]
-    problems += layout_problems(snaps) + _schedule_problems(catalogue)
+    thinned = thinned_by(catalogue.folder, snaps[-1].info) if snaps else None
+    problems += layout_problems(snaps) + _schedule_problems(catalogue, thinned is not None)
     if len(catalogue.series) == 1:
         only = next(iter(catalogue.series))
         problems.append(f"only sigma_rel {only} was recorded: other lengths cannot be synthesized from one")
@@ -141,4 +145,5 @@ def inspect_report(catalogue: Catalogue, targets: Sequence[str | float | Target]
         "targets": _target_rows(catalogue, targets) if snaps and targets else [],
         "faithful_below": FAITHFUL,
         "contents": contents,
+        "thinned": thinned,
     }

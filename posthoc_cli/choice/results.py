@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..format.keys import SWEEPS_FOLDER
 from ..format.snapshot import Snapshot
 from .space import Key
-
-SWEEPS_FOLDER = "sweeps"  # inside the snapshot folder; scans skip sub-folders
 
 
 def default_path(folder: Path, identity: str, snapshots: Sequence[Snapshot], metric: str | None = None) -> Path:
@@ -88,4 +87,4 @@ class Results:
         return {(row["target"], row["step"], row["repeat"]): row for row in self.rows()}
 
 
-__all__ = ["SWEEPS_FOLDER", "Results", "default_path"]
+__all__ = ["Results", "default_path"]

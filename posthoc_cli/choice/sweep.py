@@ -9,6 +9,7 @@ rows both print.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -119,7 +120,11 @@ def no_success(result: SweepResult) -> EvaluationError:
 def run(space: Space, results: Path, evaluate: Evaluate, *, claim_timeout: float = CLAIM_TIMEOUT, **options: Any) -> SweepResult:
     """Run a sweep's evaluations (see :class:`~.engine.Engine` for ``options``) and summarize them."""
     claims = Claims(results.with_suffix(".claims"), claim_timeout)
-    done = Engine(space, Results(results), claims, evaluate, **options).run()
+    try:
+        done = Engine(space, Results(results), claims, evaluate, **options).run()
+    finally:
+        with contextlib.suppress(OSError):  # only once empty: other processes may still hold claims
+            claims.folder.rmdir()
     return summarize(space, done, results)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..choice.results import SWEEPS_FOLDER
+from ..format.keys import SWEEPS_FOLDER
 from ..choice.sweep import sweep
 from ..ema.trackers import Target
 from ..errors import InvalidValueError, OutputError
@@ -35,7 +35,7 @@ from ..record.recorder import Recorder
 RECORDED = (0.05, 0.10)
 STEPS = 6000
 SNAPSHOT_EVERY = 200
-RESULTS = f"{SWEEPS_FOLDER}/demo.jsonl"  # inside the snapshot folder; scans skip sub-folders
+RESULTS = f"{SWEEPS_FOLDER}/demo.jsonl"  # inside the snapshot folder, where scans never look
 
 # progress(stage, done, total); stages: "train", "evaluate"
 ProgressCallback = Callable[[str, int, int], None]

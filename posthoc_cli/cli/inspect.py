@@ -83,6 +83,20 @@ def _print_contents(console: Console, contents: dict[str, Any]) -> None:
         console.print(f"Stored once (frozen weights, not averaged): {part(once)} in {escape(once['path'])}")
 
 
+def _print_thinned(console: Console, thinned: dict[str, Any] | None) -> None:
+    """How the folder was kept small: the Recorder's max_snapshots, and the last prune."""
+    if thinned is None:
+        return
+    if "recorder" in thinned:
+        r = thinned["recorder"]
+        lo, hi = r["keep_faithful"]
+        console.print(f"Thinned while recording: at most {r['max_snapshots']} snapshots per sigma_rel, keeping {lo:g}..{hi:g} faithful")
+    if "prune" in thinned:
+        p = thinned["prune"]
+        lo, hi = p["band"]
+        console.print(f"Pruned: {p.get('removed', '?')} snapshots removed, keeping {lo:g}..{hi:g} within profile error {p['max_error']:g}")
+
+
 def _print_inspect(report: dict[str, Any]) -> None:
     console = stdout()
     series = report["series"]
@@ -102,6 +116,7 @@ def _print_inspect(report: dict[str, Any]) -> None:
             )
         console.print(table)
         _print_contents(console, report["contents"])
+        _print_thinned(console, report["thinned"])
     else:
         console.print(f"{escape(report['folder'])}: no posthoc-ema snapshots")
     if report["problems"] or report["ignored"] or report["incomplete"]:

@@ -16,7 +16,7 @@ from .._version import __version__
 from ..errors import PosthocError, cli_text
 
 # Importing a command module registers its commands; `--help` lists them in this order.
-from . import convert, demo, inspect, plan, synthesize, sweep  # noqa: F401, I001
+from . import convert, demo, inspect, plan, prune, synthesize, sweep  # noqa: F401, I001
 from .common import RUN, app, closed_pipe, say
 
 # Start-up: a command that touches no tensor data must not import torch (1.5-2 s), only Typer, Rich,

@@ -53,6 +53,12 @@ def plan_command(
     max_error: Annotated[float, typer.Option("--max-error", help="Profile error the recommendation must stay below.")] = FAITHFUL,
     params: Annotated[int | None, typer.Option("--params", min=1, help="Averaged parameters, for the disk cost.")] = None,
     dtype: Annotated[str, typer.Option(help="Snapshot dtype: float32, float16 or bfloat16.")] = "float32",
+    max_snapshots: Annotated[
+        int | None, typer.Option("--max-snapshots", metavar="N", help="Recorder's max_snapshots (with --record): disk and errors thinned.")
+    ] = None,
+    keep_faithful: Annotated[
+        str, typer.Option("--keep-faithful", metavar="LO..HI", help="Recorder's keep_faithful band, with --max-snapshots.")
+    ] = "0.03..0.20",
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Draw profile error vs sigma_rel.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
@@ -72,9 +78,12 @@ def plan_command(
             if snapshot_every is None:
                 raise InvalidValueError("--record needs --snapshot-every", "give the Recorder's snapshot interval")
             report = planning.plan_report(steps=steps, snapshot_every=snapshot_every, record=record,
-                                          targets=targets, params=params, dtype=dtype)
+                                          targets=targets, params=params, dtype=dtype, max_snapshots=max_snapshots,
+                                          keep_faithful=planning.parse_range(keep_faithful, "--keep-faithful"))
             document: dict[str, Any] = report
         else:
+            if max_snapshots is not None:
+                raise InvalidValueError("--max-snapshots needs --record and --snapshot-every", "give the recording to thin")
             wanted = planning.parse_range(want) if want is not None else None
             document = planning.recommend(steps=steps, want=wanted, targets=targets, max_error=max_error,
                                           dtype=dtype, params=params)
@@ -98,9 +107,10 @@ def plan_command(
                 f"worst profile error {document['worst_error']:.2g} ≤ {max_error:g})\n"
             )
         disk = "" if report["disk_bytes"] is None else f", {human_bytes(report['disk_bytes'])} of tensors ({report['dtype']})"
+        kept = "" if report["max_snapshots"] is None else f", {report['on_disk']} kept on disk (--max-snapshots {report['max_snapshots']})"
         console.print(
             f"Recording sigma_rel {', '.join(f'{s:g}' for s in report['record'])} every {report['snapshot_every']} steps "
-            f"up to {report['steps']}: {report['snapshots']} snapshots{disk}; synthesis at t={report['latest_t']}"
+            f"up to {report['steps']}: {report['snapshots']} snapshots{kept}{disk}; synthesis at t={report['latest_t']}"
         )
         console.print()
         console.print(grid_table(report["grid"], f"Synthesizable at t={report['latest_t']} (faithful: profile error < {FAITHFUL:g})"))

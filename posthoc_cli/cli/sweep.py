@@ -127,11 +127,15 @@ def sweep(
             space.folder, eval_command, tmp or path.with_suffix(".candidates"), metric=metric, timeout=timeout,
             devices=device_list, keep=keep, max_shard_size=max_shard_size,
         )
-        with _terminated_is_interrupted(), _progress(sys.stderr.isatty()) as progress:
-            result = run(
-                space, path, evaluator, claim_timeout=claim_timeout, jobs=jobs or max(1, len(device_list)),
-                retry_failed=retry_failed, progress=progress,
-            )
+        try:
+            with _terminated_is_interrupted(), _progress(sys.stderr.isatty()) as progress:
+                result = run(
+                    space, path, evaluator, claim_timeout=claim_timeout, jobs=jobs or max(1, len(device_list)),
+                    retry_failed=retry_failed, progress=progress,
+                )
+        finally:
+            with contextlib.suppress(OSError):  # only once empty (another process may be writing into it)
+                evaluator.tmp.rmdir()
         if result.best is None:
             raise no_success(result)
         written = None

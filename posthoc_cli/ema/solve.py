@@ -117,6 +117,22 @@ def gram_error(a: np.ndarray, b: np.ndarray, rr: np.ndarray, w: np.ndarray) -> n
     return np.asarray(np.sqrt(np.maximum(sq, 0.0) / rr))
 
 
+def drop_costs(a: np.ndarray, b: np.ndarray, rr: np.ndarray) -> np.ndarray:
+    """How much leaving input j out raises each target's squared relative profile error.  # => [inputs, targets]
+
+    For the exact least-squares fit, ‖p_r‖²·err² = ⟨p_r,p_r⟩ − bᵀA⁻¹b, and removing input j
+    lowers bᵀA⁻¹b by (A⁻¹b)_j² / (A⁻¹)_jj (the block inverse of A): every candidate
+    is scored from one factorisation (that of :func:`solve_gram`, equilibrated and cut off
+    the same way) instead of one fit per candidate. A ranking, not a result: callers
+    judge their choice by the real fit.
+    """
+    d = 1.0 / np.sqrt(np.diag(a))
+    q, inv = _pseudo_inverse(d[:, None] * a * d[None, :])
+    w = q @ (inv[:, None] * (q.T @ (d[:, None] * b)))  # => [inputs, targets], equilibrated weights
+    diag = np.maximum((q * q) @ inv, np.finfo(np.float64).tiny)  # (Ã⁺)_jj  # => [inputs]
+    return np.asarray(w * w / diag[:, None] / rr[None, :])
+
+
 def _solve_group(t_in: np.ndarray, g_in: np.ndarray, t_r: float, g_out: np.ndarray) -> np.ndarray:
     """Weights of the inputs (all with t_i ≤ t_r) for targets at one time.  # => [inputs, targets]"""
     b = profile_dot(t_in[:, None], g_in[:, None], t_r, g_out[None, :])  # => [inputs, targets]
@@ -197,4 +213,4 @@ def fit(t_in: ArrayLike, sigma_rel_in: ArrayLike, t_out: ArrayLike, sigma_rel_ou
     return Fit(weights=w, profile_error=err, sum_abs_weights=np.abs(w).sum(axis=0))
 
 
-__all__ = ["Fit", "fit", "gram", "gram_error", "profile_error", "solve_gram", "solve_weights"]
+__all__ = ["Fit", "drop_costs", "fit", "gram", "gram_error", "profile_error", "solve_gram", "solve_weights"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import CatalogueError, SnapshotFileError, few
 from .frozen import FrozenFile
 from .frozen_set import FOLDER_NAME, FrozenRef, FrozenSet, scan_sets
-from .keys import SUFFIX
+from .keys import SUFFIX, SWEEPS_FOLDER
 from .snapshot import (
     NotASnapshot,
     Skipped,
@@ -158,6 +158,8 @@ def scan(folder: str | os.PathLike[str]) -> Catalogue:
             catalogue.incomplete += [Skipped(p, r) for p, r in sets.incomplete]
             catalogue.broken += [Skipped(p, r) for p, r in sets.broken]
             catalogue.ignored += [Skipped(p, r) for p, r in sets.ignored]
+            continue
+        if path.is_dir() and path.name == SWEEPS_FOLDER:  # a sweep's results and candidates: not snapshots
             continue
         if path.is_dir():
             found = scan_set(path, catalogue)

@@ -13,6 +13,7 @@ FORMAT_VERSION = 1  # of a snapshot's (and a synthesized file's) record
 METADATA_KEY = "posthoc_ema"  # the safetensors ``__metadata__`` key holding our JSON record
 SUFFIX = ".safetensors"
 KINDS = ("snapshot", "synthesized")  # the kinds of file a snapshot record may describe
+SWEEPS_FOLDER = "sweeps"  # inside a snapshot folder: the results of `posthoc-ema sweep`, never scanned
 
 
 
@@ -26,4 +27,16 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-__all__ = ["FORMAT_VERSION", "KINDS", "METADATA_KEY", "SUFFIX", "library_info", "utc_now"]
+# Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
+# Snapshot tensors are named without them (docs/design.md §2).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrappers(name: str) -> str:
+    """``_orig_mod.module.fc.weight`` → ``fc.weight``."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+__all__ = ["FORMAT_VERSION", "KINDS", "METADATA_KEY", "SUFFIX", "WRAPPER_PREFIXES", "library_info", "strip_wrappers", "utc_now"]

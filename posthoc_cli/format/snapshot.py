@@ -59,8 +59,11 @@ def snapshot_metadata(
     updates: int,
     dtype: str,
     shard: ShardRecord | None = None,
+    thinning: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The header metadata of a version-1 snapshot; with ``shard``, of one rank file of a sharded set.
+
+    ``thinning`` (``{"max_snapshots", "keep_faithful"}``) says the Recorder kept the folder bounded.
 
     A rank file's record adds ``"shard": {"rank", "files", "shapes"}`` and the
     header adds ``DCP_SHARDING_INFO`` with ``shard.offsets`` (see :mod:`.sharding`).
@@ -77,6 +80,8 @@ def snapshot_metadata(
         "library": library_info(),
         "created": utc_now(),
     }
+    if thinning is not None:
+        record["thinning"] = thinning
     if shard is None:
         return encode_metadata(record)
     record["shard"] = {"rank": shard.rank, "files": shard.files, "shapes": {n: list(s) for n, s in shard.shapes.items()}}

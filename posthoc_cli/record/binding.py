@@ -23,20 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import InvalidValueError
+from ..format.keys import WRAPPER_PREFIXES, strip_wrappers
 from . import dtensors, ranks
 from .frozen import FrozenWeights
 from .live import Watch
 from .selection import AVERAGED, STORED_ONCE, Filter, select
-
-# Wrappers that prefix state_dict names: DistributedDataParallel / DataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_wrappers(name: str) -> str:
-    """``_orig_mod.module.fc.weight`` → ``fc.weight``."""
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
 
 
 def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
@@ -197,13 +188,18 @@ class Binding:
         frozen = self.frozen.tensors
         return {n: recorded[n] if n in recorded else frozen[n].detach() for n in self.roles}
 
+    def copy_in(self, ema: list[torch.Tensor]) -> None:
+        """``ema``'s values into the model's tensors, for good (Switch EMA)."""
+        with torch.no_grad():
+            for source, average in zip(self.sources, ema):
+                source.copy_(average)
+
     @contextlib.contextmanager
     def swapped_in(self, ema: list[torch.Tensor]) -> Iterator[None]:
         """``ema``'s values in the model's tensors; the training values come back after."""
         with torch.no_grad():
             backup = [s.clone() for s in self.sources]
-            for source, average in zip(self.sources, ema):
-                source.copy_(average)
+        self.copy_in(ema)
         try:
             yield
         finally:

@@ -4,7 +4,20 @@ The public face of recording; it composes the parts: :mod:`.binding` (the model'
 tensors), :mod:`.averages` (the EMAs and their update: one fused lerp per EMA, no
 device read, no synchronisation), :mod:`.resume` (continuing a folder or a trainer's
 checkpoint), :mod:`.snapshot_files` and :mod:`.writer` (the snapshots), and
-:mod:`.ranks` (torch.distributed).
+:mod:`.ranks` (torch.distributed), :mod:`.thinning` (``max_snapshots``).
+
+The Recorder follows the model's live tensors: made before ``model.to(...)``,
+``to_empty``, ``load_state_dict(assign=True)`` or ``fully_shard``, it starts over
+on the new tensors at its next call (or carries its EMAs over once it has
+averaged), and raises :class:`ModelChangedError` when it cannot (:mod:`.live`).
+
+What is averaged (:mod:`.selection`): the parameters that require grad now,
+and floating-point buffers. Frozen parameters are stored once per folder
+(``frozen.safetensors``, :mod:`.frozen`), not in every snapshot.
+``average_frozen=True`` averages everything; ``include=`` / ``exclude=`` are
+glob patterns over state-dict names (a pattern that matches nothing is an
+error). A frozen parameter that requires grad later is an error at the
+next snapshot.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from .options import checked_options
 from .rewind import set_aside_after
 from .selection import Filter
 from .snapshot_files import SnapshotFiles
+from .thinning import Thinning
 from .writer import SnapshotWriter
 
 
@@ -58,18 +72,9 @@ class Recorder:
     shard: each rank averages its local shards, without communication, and writes
     its file of a sharded snapshot folder (see :mod:`.dtensors` and :mod:`posthoc_cli.format.sharding`).
 
-    The Recorder follows the model's live tensors: made before ``model.to(...)``,
-    ``to_empty``, ``load_state_dict(assign=True)`` or ``fully_shard``, it starts over
-    on the new tensors at its next call (or carries its EMAs over once it has
-    averaged), and raises :class:`ModelChangedError` when it cannot (:mod:`.live`).
-
-    What is averaged (:mod:`.selection`): the parameters that require grad now,
-    and floating-point buffers. Frozen parameters are stored once per folder
-    (``frozen.safetensors``, :mod:`.frozen`), not in every snapshot.
-    ``average_frozen=True`` averages everything; ``include=`` / ``exclude=`` are
-    glob patterns over state-dict names (a pattern that matches nothing is an
-    error). A frozen parameter that requires grad later is an error at the
-    next snapshot.
+    ``max_snapshots=N`` keeps at most N snapshots per sigma_rel on disk, removing the one least needed
+    by the sigma_rels in ``keep_faithful``, never the newest (:mod:`.thinning`). On live tensors and
+    what is averaged, see the module's notes.
 
     >>> with Recorder(model, "ckpts", sigma_rels=(0.05, 0.10), snapshot_every=1000) as rec:  # doctest: +SKIP
     ...     for step in range(rec.t, total_steps):
@@ -94,6 +99,8 @@ class Recorder:
         average_frozen: bool = False,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        max_snapshots: int | None = None,
+        keep_faithful: tuple[float, float] = (0.03, 0.20),
     ) -> None:
         sigma_rels = checked_options(
             sigma_rels, snapshot_every=snapshot_every, update_every=update_every, time_unit=time_unit,
@@ -110,6 +117,7 @@ class Recorder:
         # One staging set per file in flight: max_pending snapshot times of every EMA.
         self._writer = SnapshotWriter(background=async_write, max_pending=max_pending * len(sigma_rels))
         self._files = SnapshotFiles(self._writer, self.ckpt_dir, time_unit, snapshot_dtype)
+        self._files.thinning = None if max_snapshots is None else Thinning(max_snapshots, keep_faithful)
         selection = Filter.make(average_frozen=average_frozen, include=include, exclude=exclude)
         # A sharded model's frozen set is named now (one broadcast), so it is written later without talking.
         self._bind = functools.partial(Binding, model, self.ckpt_dir, selection, frozen_set_id(model, selection), ema_device)
@@ -137,7 +145,7 @@ class Recorder:
         resume.continue_folder(catalogue, self._avg, self._files)
         if initial:  # at construction, while no rank writes
             doomed = resume.stale_sets(catalogue, self.sigma_rels, self._avg.t)
-            self._avg.binding.by_one_rank(lambda: resume.remove_sets(doomed), writes=self.writes)
+            self._avg.binding.by_one_rank(lambda: resume.remove_sets(doomed, self.ckpt_dir), writes=self.writes)
         self._bound_updates = list(self._avg.updates)  # what a rebind before the next update may start over from
 
     def _follow_model(self, *, stored_once: bool = True) -> None:
@@ -211,9 +219,7 @@ class Recorder:
     def __enter__(self) -> Recorder:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if kind is None:
             self.close()
             return
@@ -245,6 +251,12 @@ class Recorder:
         self._follow_model()
         with self._avg.binding.swapped_in(self._emas[k]):
             yield self.model
+
+    def copy_to_model(self, sigma_rel: float) -> None:
+        """Switch EMA: one tracked EMA into the model's training weights (e.g. at epoch ends); the EMAs go on."""
+        k = self._avg.index(sigma_rel)
+        self._follow_model()
+        self._avg.binding.copy_in(self._emas[k])
 
     # -- checkpointing inside a trainer's own checkpoint ------------------------------------------
 

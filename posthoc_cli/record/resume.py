@@ -25,6 +25,7 @@ import torch
 from ..dtypes import storage_names
 from ..errors import ResumeError
 from ..format.catalogue import Catalogue
+from ..format.removal import finish_removals
 from ..format.sharding import read_region
 from ..format.snapshot import Snapshot, set_name
 from .averages import Averages
@@ -40,6 +41,8 @@ def continue_folder(catalogue: Catalogue, averages: Averages, files: SnapshotFil
     The snapshots must be of ``averages``' sigma_rels and model, and in ``files``' dtype and time unit.
     """
     files.written.clear()
+    if files.thinning is not None:
+        files.thinning.resume(catalogue)
     if not catalogue.series and not catalogue.broken:
         return
     catalogue.raise_if_broken()
@@ -109,8 +112,10 @@ def stale_sets(catalogue: Catalogue, sigma_rels: Sequence[float], t: int) -> lis
     return doomed
 
 
-def remove_sets(folders: list[Path]) -> None:
-    """Remove the rank files (finished or not) of ``folders``, and the folders once empty."""
+def remove_sets(folders: list[Path], ckpt_dir: Path) -> None:
+    """Remove the rank files (finished or not) of ``folders``, and the folders once empty; and what an
+    interrupted removal (thinning, ``prune``) left in ``ckpt_dir``."""
+    finish_removals(ckpt_dir)
     for folder in folders:
         for path in folder.iterdir():
             if path.name.startswith("rank-") and path.name.endswith((".safetensors", ".safetensors.tmp")):

@@ -25,6 +25,7 @@ from ..format.frozen import tag
 from ..format.sharding import ShardRecord, rank_file_name
 from ..format.snapshot import set_name, snapshot_metadata, snapshot_name
 from .averages import Averages
+from .thinning import Thinning
 from .writer import Job, SnapshotWriter
 
 
@@ -45,6 +46,7 @@ class SnapshotFiles:
         # (EMA index, t) → the job writing it (None: on disk before the Recorder started); a failed job is retried.
         self.written: dict[tuple[int, int], Job | None] = {}
         self.staging: list[Job] = []  # jobs whose copies of the EMAs may still be running: wait before an update
+        self.thinning: Thinning | None = None  # max_snapshots: kept on this rank's writer thread (if it thins)
 
     def release(self) -> None:
         """Wait until no snapshot is still copying the EMAs (they may change after this)."""
@@ -58,6 +60,8 @@ class SnapshotFiles:
     def forget_after(self, t: int) -> None:
         """Times after ``t`` were rewound: their snapshots are to be written again."""
         self.written = {key: job for key, job in self.written.items() if key[1] <= t}
+        if self.thinning is not None:
+            self.thinning.forget_after(t)
 
     def write(self, t: int, averages: Averages, *, writes: bool) -> None:
         """Check the frozen weights, then stage and submit the files of every EMA at ``t`` not written yet.
@@ -75,7 +79,7 @@ class SnapshotFiles:
         keep = [True] * len(binding.names) if plan is None else [c.writes for c in plan.chunks]
         names = [n for n, kept in zip(binding.names, keep) if kept]
         stable = [averaged for (averaged, _), kept in zip(binding.slots, keep) if kept]  # EMAs wait for their copy
-        jobs = []
+        jobs, written = [], []
         for k, sigma_rel in enumerate(averages.sigma_rels):
             done = (k, t) in self.written and not getattr(self.written[(k, t)], "failed", False)
             if done or averages.t_ema[k] != t:
@@ -97,11 +101,14 @@ class SnapshotFiles:
             metadata = tag(snapshot_metadata(
                 sigma_rel=sigma_rel, gamma=averages.gammas[k], t=t, time_unit=self.time_unit,
                 updates=averages.updates[k], dtype=storage, shard=shard,
+                thinning=None if self.thinning is None else self.thinning.record,
             ), frozen_id)
             jobs.append(self.writer.stage(path, names, tensors, dtypes, metadata, stable=stable))
             self.written[(k, t)] = jobs[-1]
+            written.append((sigma_rel, t, path if plan is None else path.parent))
         self.staging += jobs
-        self.writer.submit(jobs)
+        thin = self.thinning if plan is None or plan.index == 0 else None  # one rank removes whole sets
+        self.writer.submit(jobs, None if thin is None or not written else lambda: thin.after_write(written))
 
     def _set_folder(self, sigma_rel: float, t: int) -> Path:
         folder = self.folder / set_name(sigma_rel, t)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,8 @@ class SnapshotWriter:
         self._allocated = 0
         # Two stages, each its own thread: copies release the EMAs, writes follow, so a slow
         # disk never holds up the copy (and so the training thread) of a later snapshot.
-        self._copies: queue.Queue[list[Job] | None] = queue.Queue()
-        self._writes: queue.Queue[list[Job] | None] = queue.Queue()
+        self._copies: queue.Queue[tuple[list[Job], Callable[[], None] | None] | None] = queue.Queue()
+        self._writes: queue.Queue[tuple[list[Job], Callable[[], None] | None] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._side_stream: torch.cuda.Stream | None = None
@@ -103,11 +104,14 @@ class SnapshotWriter:
             job.released.set()  # nothing for the host to copy (device copies are ordered by `ready`)
         return job
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Write ``jobs`` (the files of one snapshot time): every copy first, then the files."""
+    def submit(self, jobs: list[Job], then: Callable[[], None] | None = None) -> None:
+        """Write ``jobs`` (the files of one snapshot time): every copy first, then the files.
+
+        ``then`` runs on the writer thread once all of them are on disk (not after a failure).
+        """
         if not self._background:
             self._copy(jobs)
-            self._write(jobs)
+            self._write(jobs, then)
             self.raise_error()
             return
         if not self._threads:
@@ -117,7 +121,7 @@ class SnapshotWriter:
             ]
             for thread in self._threads:
                 thread.start()
-        self._copies.put(jobs)
+        self._copies.put((jobs, then))
 
     def _cuda_event_after_copies(
         self, tensors: list[torch.Tensor], staging: list[torch.Tensor], stable: list[bool]
@@ -172,7 +176,7 @@ class SnapshotWriter:
                 job.deferred = []
                 job.released.set()
 
-    def _write(self, jobs: list[Job]) -> None:
+    def _write(self, jobs: list[Job], then: Callable[[], None] | None) -> None:
         for job in jobs:  # every file is attempted: one failure does not cost the others
             try:
                 if not job.failed:
@@ -184,18 +188,23 @@ class SnapshotWriter:
             finally:
                 self._free.put(job.staging)
                 job.staging = []
+        if then is not None and not any(job.failed for job in jobs):
+            try:
+                then()
+            except BaseException as e:
+                self._error = self._error or e
 
     def _copy_loop(self) -> None:
-        while (jobs := self._copies.get()) is not None:
-            self._copy(jobs)
-            self._writes.put(jobs)
+        while (item := self._copies.get()) is not None:
+            self._copy(item[0])
+            self._writes.put(item)
             self._copies.task_done()
         self._writes.put(None)
         self._copies.task_done()
 
     def _write_loop(self) -> None:
-        while (jobs := self._writes.get()) is not None:
-            self._write(jobs)
+        while (item := self._writes.get()) is not None:
+            self._write(*item)
             self._writes.task_done()
         self._writes.task_done()
 
