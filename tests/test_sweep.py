@@ -22,7 +22,7 @@ from posthoc_cli import EvaluationError, load_synthesized, sweep
 from posthoc_cli.choice.claims import Claims
 from posthoc_cli.choice.evaluation import read_metric
 from posthoc_cli.choice.results import Results
-from posthoc_cli.choice.search import next_point
+from posthoc_cli.choice.search import log_grid, next_point
 from test_e2e import entry_point
 
 HERE = Path(__file__).resolve().parent
@@ -190,6 +190,7 @@ def test_two_sweeps_at_once_split_the_work(ckpts: Path, tmp_path: Path) -> None:
     evaluations = log_lines(tmp_path)
     assert len(evaluations) == len({e["sigma_rel"] for e in evaluations}) == len(docs[0]["rows"])  # each once
     assert docs[0]["best"] == docs[1]["best"] and docs[0]["rows"] == docs[1]["rows"]
+    assert len({row["run"] for row in Results(docs[0]["results"]).rows()}) == 2  # both did a share of the work
     assert max(e["candidates"] for e in evaluations) <= 2  # one candidate file per running evaluation
 
 
@@ -250,6 +251,18 @@ def test_failures_are_rows_and_the_best_comes_from_the_rest(ckpts: Path, tmp_pat
     assert all(r["status"] == "ok" for r in retried["rows"]) and len(results.rows()) == 10
 
 
+def test_a_retried_failure_keeps_the_search_points_already_evaluated(ckpts: Path, tmp_path: Path) -> None:
+    first = json.loads(run_sweep(ckpts, "--json", env=_env(tmp_path, SWEEP_FAIL="0.159")).stdout)
+    assert [r["sigma_rel"] for r in first["rows"] if r["status"] == "failed"] == [0.159]
+    searched = [r["target"] for r in first["rows"] if r["refined"]]
+    assert len(searched) == 3
+    again = json.loads(run_sweep(ckpts, "--retry-failed", "--json", env=_env(tmp_path)).stdout)
+    assert all(r["status"] == "ok" for r in again["rows"])
+    assert [r["target"] for r in again["rows"] if r["refined"]] == searched  # where they were, not placed anew
+    assert len(again["rows"]) == len(log_lines(tmp_path)) == 12  # every evaluation is a row; one evaluated twice
+    assert again["best"]["metric"] == min(r["metric"] for r in again["rows"])
+
+
 def test_commands_that_cannot_work(ckpts: Path, tmp_path: Path) -> None:
     bad = subprocess.run([entry_point(), "sweep", str(ckpts), "--eval", "python eval.py"],
                          capture_output=True, text=True, timeout=TIMEOUT)
@@ -262,6 +275,9 @@ def test_commands_that_cannot_work(ckpts: Path, tmp_path: Path) -> None:
     assert missing.returncode == 1
     assert missing.stderr.startswith("Error: every evaluation failed") and "not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+    never = subprocess.run([entry_point(), "sweep", str(ckpts), "--eval", EVAL, "--claim-timeout", "0"],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+    assert never.returncode == 2 and never.stderr.startswith("Error: --claim-timeout 0 is not positive")
 
 
 # -- other options ---------------------------------------------------------------------------------
@@ -349,3 +365,21 @@ def test_the_search_converges_inside_the_band() -> None:
     edge = {s: -s for s in (0.03, 0.1, 0.25)}
     s = next_point(edge, edge, 0.03, 0.25)
     assert s is not None and 0.1 < s < 0.25
+
+
+def test_a_grid_over_time_and_sigma_rel(ckpts: Path, tmp_path: Path) -> None:
+    args = ("--step", "3000", "--step", "6000", "--grid", "3", "--refine", "1")
+    doc = json.loads(run_sweep(ckpts, *args, "--json", env=_env(tmp_path)).stdout)
+    rows = doc["rows"]
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows) and {r["step"] for r in rows} == {3000, 6000}
+    for step in (3000, 6000):  # the grid (3 across that time's faithful band) and the recorded lengths, at each time
+        here = [r for r in rows if r["step"] == step and not r["refined"]]
+        lo, hi = doc["faithful_band"][str(step)]
+        assert sorted(r["sigma_rel"] for r in here) == sorted(set(log_grid(lo, hi, 3)) | {0.05, 0.1})
+    (searched,) = [r for r in rows if r["refined"]]
+    best_grid = min((r for r in rows if not r["refined"]), key=lambda r: r["metric"])
+    assert searched["step"] == best_grid["step"]  # the search refines at the best time
+    for row in rows:
+        assert row["metric"] == loss_of(ckpts, row["target"], t=row["step"])
+    table = run_sweep(ckpts, *args, env=_env(tmp_path)).stdout
+    assert table.splitlines()[0].split()[:2] == ["t", "sigma_rel"]

@@ -66,6 +66,7 @@ class Engine:
         self.progress = progress or (lambda finished, expected, running: None)
         self.run_id = uuid.uuid4().hex[:12]
         self._earlier: set[Any] = set()  # runs whose failures --retry-failed runs again
+        self._recorded: set[Key] = set()  # evaluations this run has recorded (or dropped, when cut short)
 
     def finished(self) -> dict[Key, dict[str, Any]]:
         """The recorded evaluations that count as done (failures of earlier runs do not, when retried)."""
@@ -78,15 +79,16 @@ class Engine:
         """Evaluate until the space is complete; the finished evaluations."""
         if self.retry_failed:
             self._earlier = {row.get("run") for row in self.results.rows()}
-        stop = threading.Event()
+        stop, quit_beat = threading.Event(), threading.Event()
         running: dict[Future[Outcome | None], Job] = {}
         free = list(range(self.jobs))
         pool = None if self.inline else ThreadPoolExecutor(self.jobs, thread_name_prefix="posthoc-ema-sweep")
-        touched = time.monotonic()
+        beat = threading.Thread(target=self._heartbeat, args=(quit_beat,), daemon=True, name="posthoc-ema-claims")
+        beat.start()
         try:
             while True:
                 done = self.finished()
-                wanted, final = self.space.evaluations(done)
+                wanted, final = self.space.evaluations(done, self.results.latest())
                 mine = {job.key for job in running.values()}
                 todo = [(c, r) for c, r in wanted if c.key(r) not in done and c.key(r) not in mine]
                 self.progress(sum(c.key(r) in done for c, r in wanted), max(len(wanted), self.space.total()), len(running))
@@ -98,46 +100,50 @@ class Engine:
                     key = candidate.key(repeat)
                     if not self.claims.take(key):
                         continue  # another process evaluates it
-                    if key in self.finished():  # its owner recorded it and let go just before we looked
+                    try:
+                        if key in self.finished():  # its owner recorded it and let go just before we looked
+                            self.claims.release(key)
+                            continue
+                        job = Job(candidate, repeat, free.pop(0))
+                        running[self._start(pool, job, stop)] = job
+                    except BaseException:
                         self.claims.release(key)
-                        continue
-                    job = Job(candidate, repeat, free.pop(0))
-                    running[self._start(pool, job, stop)] = job
-                if time.monotonic() - touched > min(self.claims.timeout / 4, 10.0):
-                    touched = time.monotonic()
-                    for job in running.values():
-                        self.claims.touch(job.key)
+                        raise
                 if not running:
                     time.sleep(_POLL)  # the rest is claimed by others, or waits for their results
                     continue
                 ended, _ = wait(running, timeout=_POLL, return_when=FIRST_COMPLETED)
                 for future in ended:
-                    job = running.pop(future)
-                    free.append(job.slot)
-                    self._record(job, future)
+                    self._record(running[future], future)
+                    free.append(running.pop(future).slot)
         except BaseException:
             stop.set()  # each running evaluation kills its command and removes its files
-            for future, job in running.items():
+            for future, job in running.items():  # one that ended before the stop is kept; those it cut short are not
                 with contextlib.suppress(BaseException):
-                    future.result()
-                self.claims.release(job.key)
+                    self._record(job, future)
             raise
         finally:
+            quit_beat.set()
             if pool is not None:
                 pool.shutdown(wait=True)
+
+    def _heartbeat(self, quit_beat: threading.Event) -> None:
+        """Touch this process's claims while it evaluates (also while an in-memory evaluation holds the main thread)."""
+        while not quit_beat.wait(min(self.claims.timeout / 4, 10.0)):
+            self.claims.touch_held()
 
     def _start(self, pool: ThreadPoolExecutor | None, job: Job, stop: threading.Event) -> Future[Outcome | None]:
         if pool is not None:
             return pool.submit(self.evaluate, job, stop)
         future: Future[Outcome | None] = Future()  # in this thread: an in-memory evaluator may not like others
-        try:
-            future.set_result(self.evaluate(job, stop))
-        except BaseException:
-            self.claims.release(job.key)
-            raise
+        future.set_result(self.evaluate(job, stop))
         return future
 
     def _record(self, job: Job, future: Future[Outcome | None]) -> None:
+        """Append the evaluation's line (none for one cut short), then release its claim; once per job."""
+        if job.key in self._recorded:
+            return
+        self._recorded.add(job.key)
         try:
             outcome = future.result()
             if outcome is not None:

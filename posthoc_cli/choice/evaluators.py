@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 Evaluator = Callable[[dict[str, "torch.Tensor"], Target], float]  # what posthoc_cli.sweep calls
 
 
-def candidate_name(job: Job) -> str:
-    """``sigma_rel-0.1-t2000-r0``: a candidate file's name, from its spec, time and repeat."""
+def candidate_name(job: Job, prefix: str = "") -> str:
+    """``<prefix>sigma_rel-0.1-t2000-r0``: a candidate file's name, from its spec, time and repeat (the
+    prefix tells apart the sweeps that share a ``--tmp`` folder)."""
     spec = re.sub(r"[^A-Za-z0-9._-]+", "-", job.candidate.spec.replace("=", "-")).strip("-.")
-    return f"{spec}-t{job.candidate.step}-r{job.repeat}"
+    return f"{prefix}{spec}-t{job.candidate.step}-r{job.repeat}"
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,20 @@ class CommandEvaluator:
     devices: Sequence[str] = ()
     keep: bool = False
     max_shard_size: str | None = None
+    prefix: str = ""  # of the candidates' file names
 
     def __call__(self, job: Job, stop: threading.Event) -> Outcome | None:
         c = job.candidate
         device = self.devices[job.slot % len(self.devices)] if self.devices else ""
-        name = candidate_name(job)
+        name = candidate_name(job, self.prefix)
         out = self.tmp / (name if self.max_shard_size else name + ".safetensors")
         started = time.perf_counter()
         try:
             try:
                 if not self._synthesize(job, out, stop):
                     return None
-            except PosthocError as e:  # this candidate cannot be made (non-finite values, …): a failed row
-                return Outcome(None, f"synthesis failed: {cli_text(e)}", None, time.perf_counter() - started)
+            except Exception as e:  # this candidate cannot be made (non-finite values, a full disk, …): a failed row
+                return Outcome(None, f"synthesis failed: {_reason(e)}", None, time.perf_counter() - started)
             values = {
                 "weights": str(out), "target": c.spec, "sigma_rel": repr(c.sigma_rel), "step": str(c.step),
                 "seed": str(job.repeat), "device": device,
@@ -82,6 +84,12 @@ class CommandEvaluator:
                 if stop.is_set():
                     return False
         return True
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, PosthocError):
+        return cli_text(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def _remove(path: Path) -> None:

@@ -6,6 +6,11 @@ line is written with one ``write`` on a file opened for appending, then synced,
 so lines never interleave and a finished evaluation survives a crash of the
 machine. A line a crash cut short is skipped when read (and the next one starts
 on a fresh line). The latest line of an evaluation wins.
+
+Appends are also serialized by a lock file created exclusively: on a network file
+system ``O_APPEND`` is only emulated by each client, so two hosts appending at
+once could overwrite each other's line; an ``O_EXCL`` create is atomic there, and
+opening the file after the lock is taken sees every earlier line (close-to-open).
 """
 
 from __future__ import annotations
@@ -16,13 +21,17 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..format.keys import SWEEPS_FOLDER
 from ..format.snapshot import Snapshot
 from .space import Key
+
+_STALE_LOCK = 30.0  # seconds: an append takes microseconds, so a lock this old was left by a killed process
 
 
 def default_path(folder: Path, identity: str, snapshots: Sequence[Snapshot], metric: str | None = None) -> Path:
@@ -55,6 +64,34 @@ class Results:
         """Add one evaluation, atomically and durably."""
         line = json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self._write(line)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.path.with_name(self.path.name + ".lock")
+        while True:
+            try:
+                os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                break
+            except FileExistsError:
+                try:
+                    held = time.time() - os.stat(lock).st_mtime
+                except FileNotFoundError:
+                    continue
+                if held > _STALE_LOCK:  # its holder was killed while appending: break it (one breaker wins)
+                    with contextlib.suppress(OSError):
+                        aside = lock.with_name(f"{lock.name}.{uuid.uuid4().hex[:8]}")
+                        os.rename(lock, aside)
+                        os.unlink(aside)
+                    continue
+                time.sleep(0.005)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _write(self, line: str) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size

@@ -56,6 +56,7 @@ class Space:
     refine: int = 0  # search points still to place after the grid (0 with explicit targets)
     maximize: bool = False
     bands: dict[int, tuple[float, float]] = field(default_factory=dict)  # the faithful band at each step
+    _fits: dict[tuple[int, float], Candidate] = field(default_factory=dict, repr=False)  # search points, fitted
 
     @property
     def folder(self) -> Path:
@@ -65,17 +66,21 @@ class Space:
     def recorded(self) -> list[float]:
         return sorted(self.catalogue.series)
 
-    def evaluations(self, done: Mapping[Key, Mapping[str, Any]]) -> tuple[list[tuple[Candidate, int]], bool]:
+    def evaluations(
+        self, done: Mapping[Key, Mapping[str, Any]], recorded: Mapping[Key, Mapping[str, Any]] | None = None
+    ) -> tuple[list[tuple[Candidate, int]], bool]:
         """The evaluations known so far, given the finished ones (``done``), and whether that list is final.
 
-        Grid candidates come first. Each search point is placed once the grid and the
-        points before it are all finished (ok or failed): from their mean metrics alone."""
+        Grid candidates come first, then the search points: those already in the results
+        (``recorded``: every latest line, failures included, in the order first written)
+        stay where they are, and each further one is placed once the grid and the points
+        before it are all finished (ok or failed), from their mean metrics alone."""
         candidates = list(self.candidates)
         final = True
         if self.refine:
-            grid_done = all(c.key(r) in done for c in candidates for r in range(self.repeats))
-            for _ in range(self.refine):
-                if not grid_done or not all(c.key(r) in done for c in candidates for r in range(self.repeats)):
+            candidates += self._placed(done if recorded is None else recorded)
+            for _ in range(self.refine - (len(candidates) - len(self.candidates))):
+                if not all(c.key(r) in done for c in candidates for r in range(self.repeats)):
                     final = False
                     break
                 found = self._refinement(candidates, done)
@@ -88,20 +93,32 @@ class Space:
         """How many evaluations the sweep expects (the search may stop early, having converged)."""
         return (len(self.candidates) + self.refine) * self.repeats
 
+    def _placed(self, recorded: Mapping[Key, Mapping[str, Any]]) -> list[Candidate]:
+        """The search points the results hold, in the order they were placed."""
+        grid = {c.key(0)[:2] for c in self.candidates}
+        placed: dict[tuple[str, int], float] = {}
+        for (spec, step, _), row in recorded.items():
+            if row.get("refined") and step in self.bands and (spec, step) not in grid:
+                placed.setdefault((spec, step), float(row["sigma_rel"]))
+        return [self._searched(step, s) for (_, step), s in placed.items()]
+
+    def _searched(self, step: int, sigma_rel: float) -> Candidate:
+        if (step, sigma_rel) not in self._fits:  # fitted once: the loop asks on every turn
+            self._fits[(step, sigma_rel)] = fitted(self.catalogue, [Power(sigma_rel)], step, refined=True)[0]
+        return self._fits[(step, sigma_rel)]
+
     def _refinement(self, candidates: list[Candidate], done: Mapping[Key, Mapping[str, Any]]) -> Candidate | None:
         means = mean_metrics(candidates, done, self.repeats)
         scored = [(c, m if not self.maximize else -m) for c, m in means.items() if m is not None]
         if not scored:
             return None
-        best = min(scored, key=lambda cm: cm[1])[0]
-        step = best.step
+        step = min(scored, key=lambda cm: cm[1])[0].step
         lo, hi = self.bands[step]
-        here = [(c, m) for c, m in scored if c.step == step and isinstance(c.target, Power)]
+        # Power EMAs inside the band at the best one's time (a recorded length may lie outside it).
+        here = [(c, m) for c, m in scored if c.step == step and isinstance(c.target, Power) and lo <= c.sigma_rel <= hi]
         tried = [c.sigma_rel for c in candidates if c.step == step and isinstance(c.target, Power)]
         found = next_point({c.sigma_rel: m for c, m in here}, tried, lo, hi)
-        if found is None:
-            return None
-        return fitted(self.catalogue, [Power(found)], step, refined=True)[0]
+        return None if found is None else self._searched(step, found)
 
 
 def mean_metrics(

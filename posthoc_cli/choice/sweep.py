@@ -150,9 +150,10 @@ def sweep(
     the recorded ones, then ``refine`` more placed by a bracketing search around
     the best. ``steps``: synthesis times (default: the latest complete one);
     ``repeats``: evaluations per candidate (their mean decides). Every evaluation
-    is a line of the results file (default ``ckpt_dir/sweeps/<name>.jsonl``), so
-    calling again with the same arguments resumes, and an evaluation that raises
-    becomes a failed row. Raises :class:`~posthoc_cli.errors.EvaluationError` when
+    is a line of the results file (default ``ckpt_dir/sweeps/<name>.jsonl``, named by the
+    function's module and qualified name and by the snapshots: give ``results`` to keep
+    apart two evaluators that share a name, such as two lambdas), so calling again
+    with the same arguments resumes, and an evaluation that raises becomes a failed row. Raises :class:`~posthoc_cli.errors.EvaluationError` when
     every evaluation failed.
 
     >>> result = sweep("ckpts", lambda sd, target: val_loss(sd))  # doctest: +SKIP

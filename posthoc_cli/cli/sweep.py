@@ -116,6 +116,10 @@ def sweep(
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else []
         if devices is not None and not device_list:
             raise InvalidValueError(f"--devices {devices!r} names no device", "pass e.g. --devices 0,1")
+        if not claim_timeout > 0:
+            raise InvalidValueError(
+                f"--claim-timeout {claim_timeout:g} is not positive", f"pass a number of seconds, e.g. --claim-timeout {CLAIM_TIMEOUT:g}"
+            )
         if timeout is not None and not timeout > 0:
             raise InvalidValueError(f"--timeout {timeout:g} is not positive", "pass a number of seconds, e.g. --timeout 600")
         targets = from_options(sigma_rel, beta, ema, required=False)
@@ -125,7 +129,7 @@ def sweep(
         path = results or default_path(space.folder, eval_command, space.catalogue.snapshots, metric)
         evaluator = CommandEvaluator(
             space.folder, eval_command, tmp or path.with_suffix(".candidates"), metric=metric, timeout=timeout,
-            devices=device_list, keep=keep, max_shard_size=max_shard_size,
+            devices=device_list, keep=keep, max_shard_size=max_shard_size, prefix=path.stem.rsplit("-", 1)[-1] + "-",
         )
         try:
             with _terminated_is_interrupted(), _progress(sys.stderr.isatty()) as progress:
@@ -165,11 +169,13 @@ def _terminated_is_interrupted() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    before = signal.signal(signal.SIGTERM, interrupt)
+    before = signal.signal(signal.SIGTERM, interrupt), signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before[0])
+        if before[1] is not None:  # the handler ignores Ctrl-C while the sweep unwinds: a caller's comes back
+            signal.signal(signal.SIGINT, before[1])
 
 
 @contextlib.contextmanager
