@@ -130,6 +130,22 @@ def test_copy_to_model_switches_the_weights_and_the_emas_go_on(tmp_path):
             assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_copy_to_model_brings_a_lagging_ema_to_now_first(tmp_path):
+    """With update_every=2 the EMAs lag the model by a step at odd times: the switch copies the EMA of now."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    with Recorder(model, tmp_path / "a", (0.05, 0.10), snapshot_every=100, update_every=2) as rec, \
+            Recorder(model, tmp_path / "b", (0.05, 0.10), snapshot_every=100, update_every=2) as ref:
+        for step in range(1, 8):  # t = 7: the EMAs were last updated at t = 6
+            weights_at(model, step)
+            rec.update()
+            ref.update()
+        ref.snapshot()  # which brings ref's EMAs to t = 7, from the same weights
+        now = ref.ema_state_dict(0.05)
+        rec.copy_to_model(0.05)
+        assert all(torch.equal(model.state_dict()[n], now[n]) for n in now)
+
+
 def test_plan_with_max_snapshots_predicts_the_thinned_folder(tmp_path):
     folder = run(tmp_path / "ckpts", 100, max_snapshots=20, keep_faithful=BAND)
     args = ["plan", "--steps", "100", "--snapshot-every", "1", "--record", "0.05", "--record", "0.10",

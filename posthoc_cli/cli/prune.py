@@ -38,14 +38,14 @@ def prune(
     max_error: Annotated[float, typer.Option("--max-error", metavar="E", help="Largest profile error allowed in the band, e.g. 0.01.")],
     at: Annotated[
         list[int] | None,
-        typer.Option("--at", metavar="T", help="Also keep the band within E at time T (default: the latest time only); repeatable."),
+        typer.Option("--at", metavar="T", help="Also keep the band within E at time T (default: synthesize's default time only); repeatable."),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Remove the snapshots (without it: only show what would go).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document: kept, removed, worst_error, bytes_freed.")] = False,
 ) -> None:
     """Remove the most snapshots such that every power EMA in the band stays within profile error E.
 
-    Judged at the latest time (synthesize's default) and at each --at T. The newest
+    Judged at synthesize's default time (the latest every sigma_rel reached) and at each --at T. The newest
     snapshot of each sigma_rel is always kept; frozen weights, incomplete or broken
     sets and foreign files are left alone and listed. Without --yes nothing is
     deleted: the command prints what it would remove, the worst error left and the

@@ -256,6 +256,8 @@ class Recorder:
         """Switch EMA: one tracked EMA into the model's training weights (e.g. at epoch ends); the EMAs go on."""
         k = self._avg.index(sigma_rel)
         self._follow_model()
+        if self._avg.t:  # with update_every > 1 an EMA can lag the model: bring it to now first, as snapshot() does
+            self._avg.advance(self._avg.t, 1, self._files.staging)
         self._avg.binding.copy_in(self._emas[k])
 
     # -- checkpointing inside a trainer's own checkpoint ------------------------------------------
