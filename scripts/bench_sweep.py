@@ -53,19 +53,23 @@ def overhead(folder: Path, work: Path, repeats: int) -> tuple[float, float]:
     from posthoc_cli.choice.sweep import run
     from posthoc_cli.ema.targets import parse_targets
 
-    def by_hand() -> None:
+    def by_hand() -> float:
+        started = time.perf_counter()
         for s in CANDIDATES:
             (path,) = synthesize(folder, s, out=work / "one.safetensors")
             path.unlink()
+        return time.perf_counter() - started
 
     rounds = iter(range(10**6))
 
-    def swept() -> None:
+    def swept() -> float:
+        started = time.perf_counter()
         results = work / f"round-{next(rounds)}.jsonl"
         space = build(folder, parse_targets(list(CANDIDATES)), refine=0)
         evaluator = CommandEvaluator(space.folder, "true {weights}; echo 0", work / "candidates")
         result = run(space, results, evaluator)
         assert all(row.status == "ok" for row in result.rows), result.rows
+        return time.perf_counter() - started
 
     times = B.run_interleaved({"synthesize": by_hand, "sweep": swept}, repeats)
     k = len(CANDIDATES)

@@ -383,3 +383,13 @@ def test_a_grid_over_time_and_sigma_rel(ckpts: Path, tmp_path: Path) -> None:
         assert row["metric"] == loss_of(ckpts, row["target"], t=row["step"])
     table = run_sweep(ckpts, *args, env=_env(tmp_path)).stdout
     assert table.splitlines()[0].split()[:2] == ["t", "sigma_rel"]
+
+
+def test_candidates_as_hugging_face_shards(ckpts: Path, tmp_path: Path) -> None:
+    """With --max-shard-size, {weights} is a folder of shards, and --out the best one's folder."""
+    out = tmp_path / "best"
+    doc = json.loads(run_sweep(ckpts, "--sigma-rel", "0.05", "--sigma-rel", "0.14", "--max-shard-size", "8KB",
+                               "--out", str(out), "--json", env=_env(tmp_path)).stdout)
+    assert [r["metric"] for r in doc["rows"]] == [loss_of(ckpts, 0.05), loss_of(ckpts, 0.14)]
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert doc["out"] == str(out) and doc["best"]["sigma_rel"] == 0.14
