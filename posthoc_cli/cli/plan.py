@@ -122,7 +122,7 @@ def plan_command(
 # -- plot -------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example:  posthoc-ema plot ckpts --beta 0.9999 -s 0.1 --out ema.png   (needs pip install 'posthoc-ema[plot]')")
+@app.command(epilog="Example:  posthoc-ema plot ckpts --beta 0.9999 -s 0.1 --out ema.png   (needs pip install 'posthoc-ema\\[plot]')")
 def plot(
     folder: Folder = Path("ckpts"),
     sigma_rel: SigmaRels = None,

@@ -89,7 +89,7 @@ def sweep(
     allow_poor: Annotated[
         bool, typer.Option("--allow-poor", help=f"Evaluate targets the snapshots reproduce poorly (profile error > {POOR:g}) too.")
     ] = False,
-    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Draw the metric against sigma_rel (needs the [plot] extra).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Draw the metric against sigma_rel (needs the \\[plot] extra).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of the table.")] = False,
 ) -> None:
     """Find the best EMA by your own metric: evaluate candidates with a command, resumably and in parallel.
