@@ -39,3 +39,12 @@ def test_its_python_is_the_examples_own():
 def test_its_links_to_files_resolve():
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_the_package_and_its_metadata_state_one_version():
+    from posthoc_cli import __version__
+
+    # pyproject.toml's `version = "…"` line (tomllib is Python 3.11+; the project supports 3.10)
+    (declared,) = re.findall(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert declared == __version__
+    assert f"## [{__version__}]" in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
