@@ -132,6 +132,13 @@ def drop_one(t_in: Sequence[float], sigma_rel_in: Sequence[float], removable: Se
     sigma_rels = band_sigma_rels(band)
     kept = np.ones(t.size, dtype=bool)
     ranked = _ranked(t, g, kept, candidates, np.array([sigma_rel_to_gamma(x) for x in sigma_rels]), times)
+    return _least_harmful(ranked, t, s, kept, sigma_rels, times)
+
+
+def _least_harmful(ranked: np.ndarray, t: np.ndarray, s: np.ndarray, kept: np.ndarray, sigma_rels: np.ndarray,
+                   times: Sequence[int]) -> tuple[int, float]:
+    """Of the ``TRIES`` best-ranked inputs, the one whose removal (alone, from ``kept``) leaves the band's
+    smallest worst error, fitted for real; and that error. ``kept`` is left as it was."""
     best, best_error = -1, np.inf
     for j in ranked[:TRIES]:
         kept[j] = False
@@ -198,13 +205,7 @@ def prune(t_in: Sequence[float], sigma_rel_in: Sequence[float], removable: Seque
             kept[batch] = True
             size //= 2
             continue
-        best, best_error = -1, np.inf
-        for j in ranked[:TRIES]:
-            kept[j] = False
-            err = float(errors(t[kept], s[kept], sigma_rels, times).max())
-            kept[j] = True
-            if err < best_error:
-                best, best_error = int(j), err
+        best, best_error = _least_harmful(ranked, t, s, kept, sigma_rels, times)
         if best_error > max_error:
             break
         kept[best] = left[best] = False
