@@ -68,12 +68,11 @@ class Engine:
         self._earlier: set[Any] = set()  # runs whose failures --retry-failed runs again
         self._recorded: set[Key] = set()  # evaluations this run has recorded (or dropped, when cut short)
 
-    def finished(self) -> dict[Key, dict[str, Any]]:
-        """The recorded evaluations that count as done (failures of earlier runs do not, when retried)."""
-        return {
-            key: row for key, row in self.results.latest().items()
-            if row["status"] == "ok" or row.get("run") not in self._earlier
-        }
+    def finished(self, latest: dict[Key, dict[str, Any]] | None = None) -> dict[Key, dict[str, Any]]:
+        """The recorded evaluations that count as done (failures of earlier runs do not, when retried),
+        of ``latest`` (default: the results file read now)."""
+        latest = self.results.latest() if latest is None else latest
+        return {key: row for key, row in latest.items() if row["status"] == "ok" or row.get("run") not in self._earlier}
 
     def run(self) -> dict[Key, dict[str, Any]]:
         """Evaluate until the space is complete; the finished evaluations."""
@@ -87,8 +86,9 @@ class Engine:
         beat.start()
         try:
             while True:
-                done = self.finished()
-                wanted, final = self.space.evaluations(done, self.results.latest())
+                latest = self.results.latest()  # read once a turn
+                done = self.finished(latest)
+                wanted, final = self.space.evaluations(done, latest)
                 mine = {job.key for job in running.values()}
                 todo = [(c, r) for c, r in wanted if c.key(r) not in done and c.key(r) not in mine]
                 self.progress(sum(c.key(r) in done for c, r in wanted), max(len(wanted), self.space.total()), len(running))
