@@ -275,6 +275,9 @@ def test_commands_that_cannot_work(ckpts: Path, tmp_path: Path) -> None:
     assert missing.returncode == 1
     assert missing.stderr.startswith("Error: every evaluation failed") and "not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+    late = subprocess.run([entry_point(), "sweep", str(ckpts), "--eval", EVAL, "--step", "99999"],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert late.returncode == 2 and late.stderr.startswith("Error: --step 99999 is outside the recorded range t=200..6000")
     never = subprocess.run([entry_point(), "sweep", str(ckpts), "--eval", EVAL, "--claim-timeout", "0"],
                            capture_output=True, text=True, timeout=TIMEOUT)
     assert never.returncode == 2 and never.stderr.startswith("Error: --claim-timeout 0 is not positive")

@@ -21,7 +21,7 @@ from ..ema.targets import closest_power
 from ..ema.trackers import Power, Target
 from ..errors import CatalogueError, InvalidValueError, arg
 from ..format.catalogue import Catalogue, no_snapshots, scan
-from ..synth.plan import plan
+from ..synth.plan import check_time, plan
 from .search import faithful_band, log_grid, next_point
 
 Key = tuple[str, int, int]  # (target spec, step, repeat): one evaluation
@@ -168,6 +168,7 @@ def build(
     times = sorted(set(steps)) if steps else [catalogue.complete_t]
     space = Space(catalogue, [], repeats=repeats, maximize=maximize)
     for step in times:
+        check_time(catalogue, step)  # before the band: beyond the run, "nothing is faithful" would mislead
         band = _band(catalogue, step)
         if band is not None:
             space.bands[step] = band

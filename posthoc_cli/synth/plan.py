@@ -110,14 +110,10 @@ def plan(
     if not catalogue.series:
         raise no_snapshots(catalogue.folder, "record some with posthoc_cli.Recorder, or pass the folder it wrote")
     snaps = catalogue.snapshots
-    first, latest = snaps[0].t, catalogue.latest_t
     t_reason = None
     if t is None:
         t, t_reason = catalogue.complete_t, _default_t_reason(catalogue)
-    if not first <= t <= latest:
-        raise InvalidValueError(
-            f"{arg('t', t)} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
-        )
+    check_time(catalogue, t)
     recorded = sorted(catalogue.series)
     if len(recorded) == 1 and any(target.sigma_rel != recorded[0] for target in targets):
         raise CatalogueError(
@@ -147,6 +143,15 @@ def plan(
         incomplete=len(catalogue.incomplete),
         t_reason=t_reason,
     )
+
+
+def check_time(catalogue: Catalogue, t: int) -> None:
+    """Refuse a synthesis time outside the recorded range (``catalogue`` holds snapshots)."""
+    first, latest = catalogue.snapshots[0].t, catalogue.latest_t
+    if not first <= t <= latest:
+        raise InvalidValueError(
+            f"{arg('t', t)} is outside the recorded range t={first}..{latest}", f"pick a time in {first}..{latest}"
+        )
 
 
 def _default_t_reason(catalogue: Catalogue) -> str | None:
